@@ -1,0 +1,123 @@
+#include "protocol/buffer.h"
+
+#include <cassert>
+#include <cstdlib>
+#include <new>
+
+namespace vbridge {
+
+void Buffer::unref() {
+  assert(refs_ > 0);
+  if (--refs_ == 0) pool_->release(this);
+}
+
+Slice::Slice(Buffer* buffer, uint32_t offset, uint32_t size) : buffer_(buffer), offset_(offset), size_(size) {
+  if (buffer_ != nullptr) buffer_->ref();
+}
+
+Slice::Slice(const Slice& other) : buffer_(other.buffer_), offset_(other.offset_), size_(other.size_) {
+  if (buffer_ != nullptr) buffer_->ref();
+}
+
+Slice::Slice(Slice&& other) noexcept : buffer_(other.buffer_), offset_(other.offset_), size_(other.size_) {
+  other.buffer_ = nullptr;
+  other.offset_ = other.size_ = 0;
+}
+
+Slice& Slice::operator=(const Slice& other) {
+  if (this != &other) {
+    Slice copy(other);
+    *this = std::move(copy);
+  }
+  return *this;
+}
+
+Slice& Slice::operator=(Slice&& other) noexcept {
+  if (this != &other) {
+    reset();
+    buffer_ = other.buffer_;
+    offset_ = other.offset_;
+    size_ = other.size_;
+    other.buffer_ = nullptr;
+    other.offset_ = other.size_ = 0;
+  }
+  return *this;
+}
+
+Slice::~Slice() { reset(); }
+
+void Slice::reset() {
+  if (buffer_ != nullptr) buffer_->unref();
+  buffer_ = nullptr;
+  offset_ = size_ = 0;
+}
+
+Slice Slice::sub(size_t offset, size_t size) const {
+  assert(offset + size <= size_);
+  return Slice(buffer_, offset_ + static_cast<uint32_t>(offset), static_cast<uint32_t>(size));
+}
+
+void Slice::advance(size_t n) {
+  assert(n <= size_);
+  offset_ += static_cast<uint32_t>(n);
+  size_ -= static_cast<uint32_t>(n);
+  if (size_ == 0) reset();
+}
+
+BufferPool::BufferPool(size_t block_size, size_t max_cached) : block_size_(block_size), max_cached_(max_cached) {}
+
+BufferPool::~BufferPool() {
+  // Buffers still referenced at this point are leaked on purpose rather than freed under their owners;
+  // every owner is expected to be gone first.
+  assert(stats_.in_use == 0);
+  for (Buffer* b : free_) {
+    b->~Buffer();
+    std::free(b);
+  }
+}
+
+Slice BufferPool::acquire() {
+  Buffer* b;
+  if (!free_.empty()) {
+    b = free_.back();
+    free_.pop_back();
+  } else {
+    void* mem = std::malloc(sizeof(Buffer) + block_size_);
+    if (mem == nullptr) throw std::bad_alloc();
+    b = new (mem) Buffer(this, static_cast<uint32_t>(block_size_));
+    ++stats_.allocated;
+    ++stats_.live;
+    stats_.bytes_live += block_size_;
+  }
+  ++stats_.in_use;
+  return Slice(b, 0, static_cast<uint32_t>(block_size_));
+}
+
+void BufferPool::release(Buffer* buffer) {
+  --stats_.in_use;
+  if (free_.size() < max_cached_) {
+    free_.push_back(buffer);
+    return;
+  }
+  --stats_.live;
+  stats_.bytes_live -= block_size_;
+  buffer->~Buffer();
+  std::free(buffer);
+}
+
+std::span<std::byte> ReadArena::writable() {
+  if (current_.empty() || current_.size() - used_ < min_tail_) {
+    current_ = pool_.acquire();
+    used_ = 0;
+  }
+  return {current_.data() + used_, current_.size() - used_};
+}
+
+Slice ReadArena::commit(size_t n) {
+  assert(used_ + n <= current_.size());
+  Slice out = current_.sub(used_, n);
+  used_ += n;
+  return out;
+}
+
+}  // namespace vbridge

@@ -1,0 +1,638 @@
+#include "protocol/mux.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cassert>
+#include <cerrno>
+#include <cstring>
+
+namespace vbridge {
+
+namespace {
+constexpr size_t kMaxRstMessage = 512;
+constexpr size_t kMaxHelloPayload = 1024;
+constexpr uint64_t kMaxCredit = 1ull << 31;
+constexpr uint32_t kCreditBeforeHello = 1024;  // the smallest window a HELLO may announce
+}  // namespace
+
+struct Mux::Stream {
+  StreamId id;
+  StreamPhase phase;
+  bool fin_queued = false;    // the application asked for shutdown_write
+  bool fin_sent = false;      // our FIN frame is queued for the transport
+  bool fin_received = false;  // the peer's FIN arrived
+  bool in_ready = false;      // present in ready_
+  bool starved = false;       // send_capacity reached 0; on_writable is owed
+  uint64_t send_credit;       // bytes the peer still lets us send
+  uint64_t recv_window;       // bytes the peer may still send us
+  uint64_t recv_unacked = 0;  // consumed bytes not yet returned as credit
+  std::deque<Slice> pending;  // bytes queued by send(), not yet framed
+  uint64_t pending_bytes = 0;
+};
+
+const char* stream_state_name(StreamState state) {
+  switch (state) {
+    case StreamState::kOpening: return "opening";
+    case StreamState::kAccepting: return "accepting";
+    case StreamState::kOpen: return "open";
+    case StreamState::kHalfClosedLocal: return "half-closed(local)";
+    case StreamState::kHalfClosedRemote: return "half-closed(remote)";
+    case StreamState::kClosed: return "closed";
+  }
+  return "unknown";
+}
+
+Mux::Mux(Role role, MuxHandler& handler, MuxConfig config)
+    : role_(role), handler_(handler), config_(config), next_local_id_(role == Role::kHost ? 1 : 2) {
+  Hello hello;
+  hello.features = config_.features;
+  hello.max_frame = config_.max_frame;
+  hello.initial_window = config_.initial_window;
+  hello.max_streams = config_.max_streams;
+  const auto payload = encode_hello(hello);
+  OutFrame& f = queue_frame(FrameType::kHello, 0, kHelloPayloadSize);
+  f.owned.assign(payload.begin(), payload.end());
+}
+
+Mux::~Mux() = default;
+
+// ---------------------------------------------------------------------------------------------------------
+// Input
+
+Status Mux::feed(const Slice& bytes) {
+  if (failure_) return *failure_;
+  reap();
+  const std::byte* p = bytes.data();
+  const size_t n = bytes.size();
+  size_t pos = 0;
+  while (pos < n && !failure_) {
+    if (!in_payload_) {
+      const size_t take = std::min(kFrameHeaderSize - header_have_, n - pos);
+      std::memcpy(header_buf_.data() + header_have_, p + pos, take);
+      header_have_ += take;
+      pos += take;
+      if (header_have_ < kFrameHeaderSize) break;
+      header_have_ = 0;
+      if (Status st = on_frame_header(); !st) {
+        fail(st.error());
+        break;
+      }
+      ++counters_.frames_in;
+      remaining_ = current_.length;
+      in_payload_ = true;
+      control_buf_.clear();
+      if (remaining_ > 0) continue;
+    } else {
+      const size_t take = std::min(remaining_, n - pos);
+      if (current_.type == FrameType::kData) {
+        if (Status st = deliver_data(bytes.sub(pos, take)); !st) {
+          fail(st.error());
+          break;
+        }
+      } else {
+        control_buf_.insert(control_buf_.end(), p + pos, p + pos + take);
+      }
+      remaining_ -= take;
+      pos += take;
+      if (remaining_ > 0) continue;
+    }
+    // A whole frame is in.
+    in_payload_ = false;
+    if (current_.type != FrameType::kData) {
+      if (Status st = on_frame_payload(control_buf_); !st) fail(st.error());
+    }
+  }
+  if (failure_) return *failure_;
+  return {};
+}
+
+Status Mux::on_frame_header() {
+  if (!peer_) {
+    // The first frame must be HELLO: anything else is another protocol on the line.
+    const auto raw = decode_header(header_buf_.data());
+    if (!raw.ok() || raw->type != FrameType::kHello || raw->length > kMaxHelloPayload || raw->stream_id != 0) {
+      return Error{ErrorCode::kProtocol, 0,
+                   fmt::format("peer is not a vbridge agent (it sent \"{}\"); check the transport address",
+                               printable_prefix(header_buf_))};
+    }
+    current_ = *raw;
+    return {};
+  }
+  auto decoded = decode_header(header_buf_.data());
+  if (!decoded) return decoded.error();
+  const FrameHeader& h = *decoded;
+  current_ = h;
+  const auto bad = [&](const char* why) {
+    return Error{ErrorCode::kProtocol, 0,
+                 fmt::format("{} frame on stream {} with length {}: {}", frame_type_name(h.type), h.stream_id,
+                             h.length, why)};
+  };
+  switch (h.type) {
+    case FrameType::kHello:
+      return bad("HELLO was already received");
+    case FrameType::kData: {
+      if (h.stream_id == 0) return bad("DATA needs a stream");
+      if (h.length > config_.max_frame) return bad("larger than the announced max frame size");
+      Stream* s = find(h.stream_id);
+      if (s == nullptr) {
+        const bool known = is_local_id(h.stream_id) ? h.stream_id < next_local_id_ : h.stream_id <= last_peer_id_;
+        if (!known) return bad("stream was never opened");
+        return {};  // raced a local reset: deliver_data drops it
+      }
+      if (s->fin_received) return bad("data after FIN");
+      if (h.length > s->recv_window) {
+        return Error{ErrorCode::kFlowControl, 0,
+                     fmt::format("stream {} sent {} bytes with only {} bytes of credit", h.stream_id, h.length,
+                                 s->recv_window)};
+      }
+      s->recv_window -= h.length;
+      return {};
+    }
+    case FrameType::kControl:
+      if (h.length > config_.max_control) return bad("larger than the control message limit");
+      return {};
+    case FrameType::kWindowUpdate:
+      if (h.stream_id == 0 || h.length != 4) return bad("needs a stream and a 4-byte increment");
+      return {};
+    case FrameType::kFin:
+      if (h.stream_id == 0 || h.length != 0) return bad("needs a stream and no payload");
+      return {};
+    case FrameType::kRst:
+      if (h.stream_id == 0 || h.length < 4 || h.length > 4 + kMaxRstMessage) return bad("malformed RST");
+      return {};
+    case FrameType::kPing:
+    case FrameType::kPong:
+      if (h.stream_id != 0 || h.length != 8) return bad("needs stream 0 and an 8-byte token");
+      return {};
+  }
+  return bad("unknown type");
+}
+
+Status Mux::deliver_data(const Slice& piece) {
+  Stream* s = find(current_.stream_id);
+  if (s == nullptr) {
+    counters_.data_for_closed_stream += piece.size();
+    return {};
+  }
+  counters_.bytes_in += piece.size();
+  handler_.on_data(s->id, piece);
+  return {};
+}
+
+Status Mux::on_frame_payload(std::span<const std::byte> payload) {
+  const FrameHeader& h = current_;
+  switch (h.type) {
+    case FrameType::kHello: {
+      auto hello = decode_hello(payload);
+      if (!hello) return hello.error();
+      peer_ = *hello;
+      // Streams opened before the HELLO arrived started with the minimum credit; top them up.
+      for (auto& [id, s] : streams_) s->send_credit += peer_->initial_window - kCreditBeforeHello;
+      handler_.on_ready(*peer_);
+      return {};
+    }
+    case FrameType::kData:
+      return {};
+    case FrameType::kControl:
+      return handle_control(h.stream_id, payload);
+    case FrameType::kWindowUpdate: {
+      Stream* s = find(h.stream_id);
+      if (s == nullptr) return {};
+      const uint32_t increment = load_u32(payload.data());
+      if (increment == 0) return Error{ErrorCode::kProtocol, 0, "WINDOW_UPDATE of 0 bytes"};
+      s->send_credit += increment;
+      if (s->send_credit > kMaxCredit) {
+        return Error{ErrorCode::kFlowControl, 0, fmt::format("stream {} credit overflow", s->id)};
+      }
+      update(*s);
+      return {};
+    }
+    case FrameType::kFin: {
+      Stream* s = find(h.stream_id);
+      if (s == nullptr) return {};
+      if (s->fin_received) return Error{ErrorCode::kProtocol, 0, fmt::format("second FIN on stream {}", s->id)};
+      s->fin_received = true;
+      handler_.on_fin(s->id);
+      update(*s);
+      return {};
+    }
+    case FrameType::kRst: {
+      Stream* s = find(h.stream_id);
+      if (s == nullptr) return {};
+      const uint32_t code = load_u32(payload.data());
+      std::string message(reinterpret_cast<const char*>(payload.data() + 4), payload.size() - 4);
+      ++counters_.streams_reset;
+      Error error{ErrorCode::kReset, static_cast<int>(code), "peer reset the stream: " + message};
+      close_stream(*s, &error);
+      return {};
+    }
+    case FrameType::kPing:
+      queue_small(FrameType::kPong, 0, payload);
+      return {};
+    case FrameType::kPong:
+      handler_.on_pong(load_u64(payload.data()));
+      return {};
+  }
+  return {};
+}
+
+Status Mux::handle_control(StreamId id, std::span<const std::byte> payload) {
+  flatbuffers::Verifier verifier(reinterpret_cast<const uint8_t*>(payload.data()), payload.size(),
+                                 /*max_depth=*/16, /*max_tables=*/200000);
+  if (!wire::VerifyControlBuffer(verifier)) {
+    return Error{ErrorCode::kProtocol, 0, fmt::format("malformed CONTROL message on stream {}", id)};
+  }
+  const wire::Control* control = wire::GetControl(payload.data());
+  const auto type = control->message_type();
+  if (id == 0) {
+    switch (type) {
+      case wire::Message::Ports:
+      case wire::Message::FileEvents:
+      case wire::Message::Stats:
+        handler_.on_control(*control);
+        return {};
+      case wire::Message::GoAway: {
+        remote_goaway_ = true;
+        const auto* m = control->message_as_GoAway()->message();
+        handler_.on_goaway(m != nullptr ? m->str() : std::string());
+        return {};
+      }
+      default:
+        return Error{ErrorCode::kProtocol, 0,
+                     fmt::format("control message {} needs a stream", wire::EnumNameMessage(type))};
+    }
+  }
+  switch (type) {
+    case wire::Message::Open:
+      return handle_open(id, control->message_as_Open());
+    case wire::Message::OpenOk:
+    case wire::Message::OpenFail: {
+      Stream* s = find(id);
+      if (s == nullptr) return {};
+      if (s->phase != StreamPhase::kOpening) {
+        return Error{ErrorCode::kProtocol, 0, fmt::format("open answer for stream {} that is not opening", id)};
+      }
+      if (type == wire::Message::OpenOk) {
+        s->phase = StreamPhase::kOpen;
+        handler_.on_open_result(id, nullptr);
+        if (Stream* again = find(id)) update(*again);
+        return {};
+      }
+      const auto* fail_msg = control->message_as_OpenFail();
+      Error error{ErrorCode::kRefused, fail_msg->errno_value(),
+                  fail_msg->message() != nullptr ? fail_msg->message()->str() : std::string()};
+      ++counters_.streams_refused;
+      close_stream(*s, nullptr);
+      handler_.on_open_result(id, &error);
+      return {};
+    }
+    default:
+      return Error{ErrorCode::kProtocol, 0,
+                   fmt::format("control message {} is connection-level, got it on stream {}",
+                               wire::EnumNameMessage(type), id)};
+  }
+}
+
+Status Mux::handle_open(StreamId id, const wire::Open* open) {
+  if (is_local_id(id) || id <= last_peer_id_) {
+    return Error{ErrorCode::kProtocol, 0, fmt::format("OPEN with invalid stream id {}", id)};
+  }
+  if (open->target() == nullptr) return Error{ErrorCode::kProtocol, 0, "OPEN without a target"};
+  last_peer_id_ = id;
+  const auto refuse = [&](int err, const std::string& why) {
+    flatbuffers::FlatBufferBuilder b(128);
+    const auto msg = b.CreateString(why);
+    b.Finish(wire::CreateControl(b, wire::Message::OpenFail, wire::CreateOpenFail(b, err, msg).Union()));
+    queue_control(id, b);
+    ++counters_.streams_refused;
+  };
+  if (local_goaway_) {
+    refuse(ECONNREFUSED, "agent is shutting down");
+    return {};
+  }
+  if (peer_streams_ >= config_.max_streams) {
+    refuse(EMFILE, fmt::format("too many streams (limit {})", config_.max_streams));
+    return {};
+  }
+  Stream& s = create_stream(id, StreamPhase::kAccepting);
+  ++peer_streams_;
+  ++counters_.streams_accepted;
+  handler_.on_open(s.id, *open->target());
+  return {};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Output
+
+size_t Mux::prepare_output(std::span<iovec> out) {
+  reap();
+  schedule();
+  size_t n = 0;
+  size_t skip = out_consumed_;
+  for (const OutFrame& f : out_) {
+    if (n + 2 > out.size()) break;
+    const auto add = [&](const std::byte* data, size_t len) {
+      if (skip >= len) {
+        skip -= len;
+        return;
+      }
+      out[n++] = iovec{const_cast<std::byte*>(data + skip), len - skip};
+      skip = 0;
+    };
+    add(f.header.data(), f.header.size());
+    if (!f.payload.empty()) add(f.payload.data(), f.payload.size());
+    if (!f.owned.empty()) add(f.owned.data(), f.owned.size());
+    if (f.small_size != 0) add(f.small.data(), f.small_size);
+  }
+  return n;
+}
+
+void Mux::consume_output(size_t n) {
+  out_consumed_ += n;
+  while (!out_.empty() && out_consumed_ >= out_.front().size()) {
+    out_consumed_ -= out_.front().size();
+    out_data_bytes_ -= out_.front().payload.size();
+    out_.pop_front();
+  }
+  assert(!out_.empty() || out_consumed_ == 0);
+}
+
+bool Mux::has_output() {
+  schedule();
+  return !out_.empty();
+}
+
+Mux::OutFrame& Mux::queue_frame(FrameType type, StreamId id, uint32_t length) {
+  OutFrame& f = out_.emplace_back();
+  encode_header(FrameHeader{length, id, type, 0}, f.header.data());
+  ++counters_.frames_out;
+  return f;
+}
+
+void Mux::queue_small(FrameType type, StreamId id, std::span<const std::byte> payload) {
+  assert(payload.size() <= 8);
+  OutFrame& f = queue_frame(type, id, static_cast<uint32_t>(payload.size()));
+  std::copy(payload.begin(), payload.end(), f.small.begin());
+  f.small_size = static_cast<uint8_t>(payload.size());
+}
+
+void Mux::queue_control(StreamId id, const flatbuffers::FlatBufferBuilder& built) {
+  const auto* data = reinterpret_cast<const std::byte*>(built.GetBufferPointer());
+  OutFrame& f = queue_frame(FrameType::kControl, id, built.GetSize());
+  f.owned.assign(data, data + built.GetSize());
+}
+
+// Moves queued stream data into out_, round-robin, `quantum` bytes per stream per turn, until the
+// transport has `output_watermark` bytes of DATA waiting.
+void Mux::schedule() {
+  if (!peer_) return;
+  const uint32_t frame_limit = std::min(config_.max_frame, peer_->max_frame);
+  while (out_data_bytes_ < config_.output_watermark && !ready_.empty()) {
+    const StreamId id = ready_.front();
+    ready_.pop_front();
+    Stream* s = find(id);
+    if (s == nullptr) continue;
+    s->in_ready = false;
+    uint64_t budget = std::min<uint64_t>(config_.quantum, s->send_credit);
+    while (budget > 0 && !s->pending.empty()) {
+      Slice& head = s->pending.front();
+      const size_t take = std::min<size_t>({head.size(), budget, frame_limit});
+      OutFrame& f = queue_frame(FrameType::kData, id, static_cast<uint32_t>(take));
+      if (take == head.size()) {
+        f.payload = std::move(head);
+        s->pending.pop_front();
+      } else {
+        f.payload = head.sub(0, take);
+        head.advance(take);
+      }
+      budget -= take;
+      s->send_credit -= take;
+      s->pending_bytes -= take;
+      buffered_ -= take;
+      out_data_bytes_ += take;
+      counters_.bytes_out += take;
+    }
+    update(*s);
+  }
+  // Streams that ran dry on the connection-wide cap may read again now that bytes moved on.
+  if (!starved_.empty() && buffered_ < config_.max_buffered) {
+    std::vector<StreamId> again;
+    again.swap(starved_);
+    for (const StreamId id : again) {
+      if (Stream* s = find(id)) update(*s);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Application side
+
+Result<StreamId> Mux::open(const wire::TargetT& target) {
+  if (failure_) return *failure_;
+  if (remote_goaway_ || local_goaway_) return Error{ErrorCode::kGoingAway, 0, "connection is draining"};
+  if (peer_ && local_streams_ >= peer_->max_streams) {
+    return Error{ErrorCode::kLimit, 0, fmt::format("peer allows at most {} streams", peer_->max_streams)};
+  }
+  if (next_local_id_ > 0xfffffff0u) return Error{ErrorCode::kLimit, 0, "stream ids exhausted; reconnect"};
+  const StreamId id = next_local_id_;
+  next_local_id_ += 2;
+  create_stream(id, StreamPhase::kOpening);
+  ++local_streams_;
+  ++counters_.streams_opened;
+  flatbuffers::FlatBufferBuilder b(128);
+  const auto t = wire::Target::Pack(b, &target);
+  b.Finish(wire::CreateControl(b, wire::Message::Open, wire::CreateOpen(b, t).Union()));
+  queue_control(id, b);
+  return id;
+}
+
+void Mux::accept(StreamId id) {
+  Stream* s = find(id);
+  if (s == nullptr || s->phase != StreamPhase::kAccepting) return;
+  s->phase = StreamPhase::kOpen;
+  flatbuffers::FlatBufferBuilder b(32);
+  b.Finish(wire::CreateControl(b, wire::Message::OpenOk, wire::CreateOpenOk(b).Union()));
+  queue_control(id, b);
+  update(*s);
+}
+
+void Mux::reject(StreamId id, int errno_value, const std::string& message) {
+  Stream* s = find(id);
+  if (s == nullptr || s->phase != StreamPhase::kAccepting) return;
+  flatbuffers::FlatBufferBuilder b(128);
+  const auto msg = b.CreateString(message);
+  b.Finish(wire::CreateControl(b, wire::Message::OpenFail, wire::CreateOpenFail(b, errno_value, msg).Union()));
+  queue_control(id, b);
+  ++counters_.streams_refused;
+  close_stream(*s, nullptr);
+}
+
+bool Mux::send(StreamId id, Slice data) {
+  Stream* s = find(id);
+  if (s == nullptr || s->phase == StreamPhase::kAccepting || s->fin_queued) return false;
+  if (data.empty()) return true;
+  s->pending_bytes += data.size();
+  buffered_ += data.size();
+  s->pending.push_back(std::move(data));
+  update(*s);
+  return true;
+}
+
+size_t Mux::send_capacity(StreamId id) const {
+  const Stream* s = find(id);
+  if (s == nullptr || s->phase == StreamPhase::kAccepting || s->fin_queued) return 0;
+  if (s->pending_bytes >= s->send_credit || buffered_ >= config_.max_buffered) return 0;
+  return static_cast<size_t>(std::min(s->send_credit - s->pending_bytes, config_.max_buffered - buffered_));
+}
+
+void Mux::consume(StreamId id, size_t n) {
+  Stream* s = find(id);
+  if (s == nullptr || s->fin_received) return;
+  s->recv_unacked += n;
+  // Return credit in batches, so a bulk transfer costs one WINDOW_UPDATE per quarter window.
+  if (s->recv_unacked >= config_.initial_window / 4) {
+    std::array<std::byte, 4> inc{};
+    store_u32(inc.data(), static_cast<uint32_t>(s->recv_unacked));
+    s->recv_window += s->recv_unacked;
+    s->recv_unacked = 0;
+    queue_small(FrameType::kWindowUpdate, id, inc);
+  }
+}
+
+void Mux::shutdown_write(StreamId id) {
+  Stream* s = find(id);
+  if (s == nullptr || s->fin_queued) return;
+  s->fin_queued = true;
+  update(*s);
+}
+
+void Mux::reset(StreamId id, const std::string& reason) {
+  Stream* s = find(id);
+  if (s == nullptr) return;
+  const std::string message = reason.substr(0, kMaxRstMessage);
+  OutFrame& f = queue_frame(FrameType::kRst, id, static_cast<uint32_t>(4 + message.size()));
+  f.owned.resize(4 + message.size());
+  store_u32(f.owned.data(), 0);
+  std::memcpy(f.owned.data() + 4, message.data(), message.size());
+  ++counters_.streams_reset;
+  close_stream(*s, nullptr);
+}
+
+void Mux::send_control(const flatbuffers::FlatBufferBuilder& built) { queue_control(0, built); }
+
+void Mux::ping(uint64_t token) {
+  std::array<std::byte, 8> payload{};
+  store_u64(payload.data(), token);
+  queue_small(FrameType::kPing, 0, payload);
+}
+
+void Mux::goaway(const std::string& message) {
+  if (local_goaway_) return;
+  local_goaway_ = true;
+  flatbuffers::FlatBufferBuilder b(128);
+  const auto msg = b.CreateString(message);
+  b.Finish(wire::CreateControl(b, wire::Message::GoAway, wire::CreateGoAway(b, last_peer_id_, msg).Union()));
+  queue_control(0, b);
+}
+
+std::optional<StreamState> Mux::stream_state(StreamId id) const {
+  const Stream* s = find(id);
+  if (s == nullptr) return std::nullopt;
+  switch (s->phase) {
+    case StreamPhase::kOpening: return StreamState::kOpening;
+    case StreamPhase::kAccepting: return StreamState::kAccepting;
+    case StreamPhase::kClosed: return StreamState::kClosed;
+    case StreamPhase::kOpen: break;
+  }
+  if (s->fin_sent && s->fin_received) return StreamState::kClosed;
+  if (s->fin_sent) return StreamState::kHalfClosedLocal;
+  if (s->fin_received) return StreamState::kHalfClosedRemote;
+  return StreamState::kOpen;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Stream table
+
+Mux::Stream* Mux::find(StreamId id) {
+  const auto it = streams_.find(id);
+  if (it == streams_.end() || it->second->phase == StreamPhase::kClosed) return nullptr;
+  return it->second.get();
+}
+
+const Mux::Stream* Mux::find(StreamId id) const {
+  const auto it = streams_.find(id);
+  if (it == streams_.end() || it->second->phase == StreamPhase::kClosed) return nullptr;
+  return it->second.get();
+}
+
+Mux::Stream& Mux::create_stream(StreamId id, StreamPhase phase) {
+  auto s = std::make_unique<Stream>();
+  s->id = id;
+  s->phase = phase;
+  // Before the peer's HELLO arrives we assume the smallest credit HELLO allows; it grows on arrival.
+  s->send_credit = peer_ ? peer_->initial_window : kCreditBeforeHello;
+  s->recv_window = config_.initial_window;
+  Stream& ref = *s;
+  streams_[id] = std::move(s);
+  return ref;
+}
+
+void Mux::update(Stream& s) {
+  if (s.phase == StreamPhase::kClosed) return;
+  // Scheduling: a stream with data and credit waits in the round-robin ring.
+  if (!s.pending.empty() && s.send_credit > 0 && !s.in_ready && s.phase != StreamPhase::kAccepting) {
+    s.in_ready = true;
+    ready_.push_back(s.id);
+  }
+  // Half-close: FIN follows the last queued byte.
+  if (s.fin_queued && !s.fin_sent && s.pending.empty() && s.phase != StreamPhase::kAccepting) {
+    s.fin_sent = true;
+    queue_frame(FrameType::kFin, s.id, 0);
+  }
+  // Flow control: tell the application when it may read again.
+  if (!s.fin_queued) {
+    if (send_capacity(s.id) == 0) {
+      if (!s.starved && s.send_credit > s.pending_bytes) starved_.push_back(s.id);
+      s.starved = true;
+    } else if (s.starved) {
+      s.starved = false;
+      handler_.on_writable(s.id);
+    }
+  }
+  if (s.phase == StreamPhase::kOpen && s.fin_sent && s.fin_received) {
+    close_stream(s, nullptr);
+    handler_.on_closed(s.id);
+  }
+}
+
+// Marks a stream closed. With an error, the application hears of it through on_reset.
+void Mux::close_stream(Stream& s, const Error* error) {
+  if (s.phase == StreamPhase::kClosed) return;
+  const bool local = is_local_id(s.id);
+  s.phase = StreamPhase::kClosed;
+  buffered_ -= s.pending_bytes;
+  s.pending_bytes = 0;
+  s.pending.clear();
+  closed_.push_back(s.id);
+  if (local) {
+    --local_streams_;
+  } else {
+    --peer_streams_;
+  }
+  if (error != nullptr) handler_.on_reset(s.id, *error);
+}
+
+void Mux::reap() {
+  for (const StreamId id : closed_) {
+    const auto it = streams_.find(id);
+    if (it != streams_.end() && it->second->phase == StreamPhase::kClosed) streams_.erase(it);
+  }
+  closed_.clear();
+}
+
+void Mux::fail(Error error) {
+  if (!failure_) failure_ = std::move(error);
+}
+
+}  // namespace vbridge
