@@ -1,0 +1,211 @@
+#include "host/agent.h"
+
+#include <unistd.h>
+
+#include <nlohmann/json.hpp>
+
+#include "host/dialer.h"
+#include "protocol/log.h"
+
+namespace vbridge {
+
+using Clock = std::chrono::steady_clock;
+
+Agent::Agent(uv_loop_t* loop, AgentConfig config)
+    : loop_(loop), config_(std::move(config)), pool_(256 * 1024, 256), client_arena_(pool_) {
+  uv_timer_init(loop_, &dial_timer_);
+  uv_timer_init(loop_, &tick_timer_);
+  uv_idle_init(loop_, &reaper_);
+  dial_timer_.data = tick_timer_.data = reaper_.data = this;
+}
+
+Agent::~Agent() = default;
+
+Status Agent::start() {
+  for (const UnixForward& forward : config_.unix_forwards) {
+    Address address{Address::Kind::kUnix, forward.host_path};
+    auto listener = Listener::listen(loop_, address, [this, &forward](UniqueFd client) {
+      accept_client(std::move(client), forward);
+    });
+    if (!listener) return listener.error();
+    log::info("listening on {} for guest target {}", forward.host_path, forward.guest_target);
+    listeners_.push_back(std::move(*listener));
+  }
+  if (!config_.status_path.empty()) {
+    auto listener = Listener::listen(loop_, Address{Address::Kind::kUnix, config_.status_path},
+                                     [this](UniqueFd client) { serve_status(std::move(client)); });
+    if (!listener) return listener.error();
+    listeners_.push_back(std::move(*listener));
+  }
+  uv_timer_start(&tick_timer_, [](uv_timer_t* t) { static_cast<Agent*>(t->data)->on_tick(); }, 100, 100);
+  dial();
+  return {};
+}
+
+void Agent::stop() {
+  if (stopping_) return;
+  stopping_ = true;
+  log::info("stopping: sessions={} clients={} reconnects={}", counters_.sessions, counters_.clients_accepted,
+            counters_.reconnects);
+  listeners_.clear();
+  if (session_) {
+    session_->mux().goaway("host agent stopping");
+    session_->flush();
+    session_->shutdown(Error{ErrorCode::kGoingAway, 0, "host agent stopping"});
+  }
+  for (auto& p : pending_) p.bridge->fail_open(Error{ErrorCode::kGoingAway, 0, "host agent stopping"});
+  pending_.clear();
+  uv_timer_stop(&dial_timer_);
+  uv_timer_stop(&tick_timer_);
+  uv_close(reinterpret_cast<uv_handle_t*>(&dial_timer_), nullptr);
+  uv_close(reinterpret_cast<uv_handle_t*>(&tick_timer_), nullptr);
+  uv_idle_start(&reaper_, [](uv_idle_t* h) { static_cast<Agent*>(h->data)->reap(); });
+}
+
+void Agent::dial() {
+  if (stopping_ || session_) return;
+  auto fd = dial_transport(config_.transport, config_.connect_timeout_ms);
+  if (!fd) {
+    ++counters_.dial_failures;
+    const std::string message = fd.error().to_string();
+    if (message != last_error_) {
+      log::warn("guest agent at {} not reachable: {}; retrying", config_.transport.to_string(), message);
+      last_error_ = message;
+    }
+    schedule_dial();
+    return;
+  }
+  ++counters_.sessions;
+  session_ = std::make_unique<Session>(loop_, std::move(*fd), pool_, *this, config_.mux);
+  last_ping_ = Clock::now();
+}
+
+void Agent::schedule_dial() {
+  backoff_ms_ = backoff_ms_ == 0 ? 20 : std::min(backoff_ms_ * 2, config_.max_backoff_ms);
+  uv_timer_start(&dial_timer_, [](uv_timer_t* t) { static_cast<Agent*>(t->data)->dial(); }, backoff_ms_, 0);
+}
+
+void Agent::on_session_ready(const Hello& peer) {
+  ready_ = true;
+  backoff_ms_ = 0;
+  last_error_.clear();
+  connected_since_ = Clock::now();
+  log::info("connected to guest agent at {} (protocol {}, window {} KiB, max frame {} KiB)",
+            config_.transport.to_string(), peer.version, peer.initial_window / 1024, peer.max_frame / 1024);
+  auto waiting = std::move(pending_);
+  pending_.clear();
+  for (auto& p : waiting) p.bridge->attach(*session_);
+}
+
+void Agent::on_session_lost(const Error& error) {
+  if (error.code == ErrorCode::kProtocol || error.code == ErrorCode::kVersion) ++counters_.protocol_errors;
+  log::warn("lost the guest agent at {}: {}", config_.transport.to_string(), error.to_string());
+  ready_ = false;
+  ++counters_.reconnects;
+  dead_sessions_.push_back(std::move(session_));
+  uv_idle_start(&reaper_, [](uv_idle_t* h) { static_cast<Agent*>(h->data)->reap(); });
+  if (!stopping_) schedule_dial();
+}
+
+void Agent::on_control(const wire::Control& message) {
+  log::debug("control message {} from the guest", wire::EnumNameMessage(message.message_type()));
+}
+
+void Agent::accept_client(UniqueFd client, const UnixForward& forward) {
+  ++counters_.clients_accepted;
+  BridgeOptions options;
+  options.target.proto = wire::Proto::Unix;
+  options.target.path = forward.guest_target;
+  options.name = forward.guest_target;
+  options.http_errors = forward.http_errors;
+  auto bridge = std::make_unique<SocketBridge>(loop_, std::move(client), client_arena_, *this, std::move(options));
+  SocketBridge* raw = bridge.get();
+  bridges_.emplace(raw, std::move(bridge));
+  if (ready_ && session_) {
+    raw->attach(*session_);
+  } else {
+    pending_.push_back({raw, Clock::now() + std::chrono::milliseconds(config_.pending_timeout_ms)});
+  }
+}
+
+void Agent::bridge_done(SocketBridge* bridge) {
+  finished_.push_back(bridge);
+  uv_idle_start(&reaper_, [](uv_idle_t* h) { static_cast<Agent*>(h->data)->reap(); });
+}
+
+void Agent::reap() {
+  uv_idle_stop(&reaper_);
+  for (SocketBridge* b : finished_) bridges_.erase(b);
+  finished_.clear();
+  dead_sessions_.clear();
+  if (stopping_ && bridges_.empty()) {
+    uv_close(reinterpret_cast<uv_handle_t*>(&reaper_), nullptr);
+  }
+}
+
+void Agent::on_tick() {
+  const auto now = Clock::now();
+  while (!pending_.empty() && pending_.front().deadline <= now) {
+    ++counters_.clients_failed;
+    SocketBridge* b = pending_.front().bridge;
+    pending_.pop_front();
+    b->fail_open(Error{ErrorCode::kIo, 0,
+                       fmt::format("guest agent at {} is not connected ({}); is the VM running?",
+                                   config_.transport.to_string(), last_error_.empty() ? "handshake pending" : last_error_)});
+  }
+  if (session_ && ready_ && now - last_ping_ >= std::chrono::milliseconds(config_.keepalive_ms)) {
+    if (session_->pings_unanswered() >= 3) {
+      session_->shutdown(Error{ErrorCode::kIo, ETIMEDOUT, "guest agent stopped answering pings"});
+      on_session_lost(Error{ErrorCode::kIo, ETIMEDOUT, "guest agent stopped answering pings"});
+      return;
+    }
+    session_->send_ping();
+    last_ping_ = now;
+  }
+}
+
+void Agent::serve_status(UniqueFd client) {
+  const std::string text = status_json() + "\n";
+  // Tiny and once per connection: a blocking write is fine.
+  (void)!::write(client.get(), text.data(), text.size());
+}
+
+std::string Agent::status_json() const {
+  nlohmann::json j;
+  j["instance"] = config_.instance;
+  j["transport"] = config_.transport.to_string();
+  j["connected"] = ready_;
+  if (ready_) {
+    j["connected_seconds"] =
+        std::chrono::duration_cast<std::chrono::seconds>(Clock::now() - connected_since_).count();
+  }
+  j["last_error"] = last_error_;
+  j["agent"] = {{"sessions", counters_.sessions},
+                {"reconnects", counters_.reconnects},
+                {"dial_failures", counters_.dial_failures},
+                {"protocol_errors", counters_.protocol_errors},
+                {"clients_accepted", counters_.clients_accepted},
+                {"clients_failed", counters_.clients_failed},
+                {"clients_open", bridges_.size()},
+                {"clients_waiting", pending_.size()}};
+  if (session_) {
+    const MuxCounters& c = session_->mux().counters();
+    j["mux"] = {{"streams", session_->mux().stream_count()},
+                {"streams_opened", c.streams_opened},
+                {"streams_refused", c.streams_refused},
+                {"streams_reset", c.streams_reset},
+                {"bytes_in", c.bytes_in},
+                {"bytes_out", c.bytes_out},
+                {"frames_in", c.frames_in},
+                {"frames_out", c.frames_out}};
+  }
+  j["buffers"] = {{"live", pool_.stats().live}, {"in_use", pool_.stats().in_use}, {"bytes", pool_.stats().bytes_live}};
+  nlohmann::json forwards = nlohmann::json::array();
+  for (const UnixForward& f : config_.unix_forwards) {
+    forwards.push_back({{"host", f.host_path}, {"guest", f.guest_target}});
+  }
+  j["forwards"] = forwards;
+  return j.dump();
+}
+
+}  // namespace vbridge

@@ -1,0 +1,97 @@
+// The host agent: keeps one transport session to the guest agent up (reconnecting with backoff), serves the
+// host-side sockets (docker.sock, unix forwards) and a status socket.
+#pragma once
+
+#include <uv.h>
+
+#include <chrono>
+#include <deque>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "host/listener.h"
+#include "host/session.h"
+#include "host/socket_bridge.h"
+#include "protocol/address.h"
+
+namespace vbridge {
+
+// A host unix socket whose connections become streams to a guest target.
+struct UnixForward {
+  std::string host_path;
+  std::string guest_target;  // a name the guest agent knows ("docker") or an absolute guest socket path
+  bool http_errors = false;  // the Docker API: failures are answered as HTTP errors
+};
+
+struct AgentConfig {
+  Address transport;
+  std::string instance = "default";
+  std::string status_path;
+  std::vector<UnixForward> unix_forwards;
+  MuxConfig mux;
+  int connect_timeout_ms = 2000;
+  int pending_timeout_ms = 5000;   // how long a client waits for the transport before an error
+  int keepalive_ms = 5000;         // PING period; 3 unanswered pings mean the guest is gone
+  int max_backoff_ms = 1000;
+};
+
+struct AgentCounters {
+  uint64_t sessions = 0, reconnects = 0, dial_failures = 0, protocol_errors = 0;
+  uint64_t clients_accepted = 0, clients_failed = 0;
+};
+
+class Agent final : public SessionObserver, public BridgeOwner {
+ public:
+  Agent(uv_loop_t* loop, AgentConfig config);
+  ~Agent() override;
+  // Binds the listeners and starts dialing. Fails if a listener cannot be bound.
+  Status start();
+  // Stops accepting, says GOAWAY, and closes everything; the loop then ends.
+  void stop();
+  std::string status_json() const;
+
+  // SessionObserver
+  void on_session_ready(const Hello& peer) override;
+  void on_session_lost(const Error& error) override;
+  void on_control(const wire::Control& message) override;
+  // BridgeOwner
+  void bridge_done(SocketBridge* bridge) override;
+
+ private:
+  struct Pending {
+    SocketBridge* bridge;
+    std::chrono::steady_clock::time_point deadline;
+  };
+
+  void dial();
+  void schedule_dial();
+  void on_tick();
+  void accept_client(UniqueFd client, const UnixForward& forward);
+  void serve_status(UniqueFd client);
+  void reap();
+
+  uv_loop_t* loop_;
+  AgentConfig config_;
+  BufferPool pool_;
+  ReadArena client_arena_;
+  std::unique_ptr<Session> session_;
+  std::vector<std::unique_ptr<Session>> dead_sessions_;  // destroyed outside their own callbacks
+  bool ready_ = false;
+  bool stopping_ = false;
+  std::vector<std::unique_ptr<Listener>> listeners_;
+  std::unordered_map<SocketBridge*, std::unique_ptr<SocketBridge>> bridges_;
+  std::vector<SocketBridge*> finished_;
+  std::deque<Pending> pending_;
+  uv_timer_t dial_timer_;
+  uv_timer_t tick_timer_;
+  uv_idle_t reaper_;
+  int backoff_ms_ = 0;
+  std::chrono::steady_clock::time_point last_ping_;
+  std::chrono::steady_clock::time_point connected_since_;
+  std::string last_error_;
+  AgentCounters counters_;
+};
+
+}  // namespace vbridge

@@ -1,0 +1,151 @@
+// vbridge-host: the workstation side of vbridge. Serves a drop-in docker.sock (and other unix forwards) over
+// one multiplexed transport connection to vbridge-guest.
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <csignal>
+#include <cstdlib>
+#include <filesystem>
+
+#include "host/agent.h"
+#include "host/docker_context.h"
+#include "protocol/log.h"
+
+namespace {
+
+std::string default_runtime_dir(const std::string& instance) {
+  if (const char* xdg = std::getenv("XDG_RUNTIME_DIR"); xdg != nullptr && *xdg != '\0') {
+    return std::string(xdg) + "/vbridge/" + instance;
+  }
+  if (::getuid() == 0) return "/run/vbridge/" + instance;
+  return "/tmp/vbridge-" + std::to_string(::getuid()) + "/" + instance;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace vbridge;
+  CLI::App app{"vbridge-host: bridges a docker.sock and other sockets to a guest VM over one transport."};
+  std::string transport;
+  std::string instance = "default";
+  std::string runtime_dir;
+  std::string docker_sock;
+  std::string docker_target = "docker";
+  bool no_docker = false;
+  std::string docker_context;
+  bool no_docker_context = false;
+  std::vector<std::string> forwards;
+  std::string status_sock;
+  std::string log_level = "info";
+  uint32_t window_kib = 4096;
+  int keepalive_ms = 5000;
+
+  app.add_option("-t,--transport", transport,
+                 "Where the guest agent listens: unix:/path, tcp:HOST:PORT, vsock:CID:PORT, or hvsock:/path:PORT "
+                 "(Firecracker/cloud-hypervisor hybrid vsock; with QEMU virtio-serial, the chardev socket as "
+                 "unix:/path)")
+      ->required();
+  app.add_option("-i,--instance", instance, "Instance name; keeps several VMs' sockets apart")
+      ->capture_default_str();
+  app.add_option("--runtime-dir", runtime_dir,
+                 "Directory for this instance's sockets (default $XDG_RUNTIME_DIR/vbridge/INSTANCE, "
+                 "/run/vbridge/INSTANCE as root)");
+  app.add_option("--docker-sock", docker_sock, "Host path of the bridged Docker socket (default RUNTIME_DIR/docker.sock)");
+  app.add_option("--docker-target", docker_target,
+                 "Guest target of the Docker socket: a name the guest agent maps, or an absolute guest path")
+      ->capture_default_str();
+  app.add_flag("--no-docker", no_docker, "Do not serve a Docker socket");
+  app.add_option("--docker-context", docker_context,
+                 "Name of the docker CLI context to create (default vbridge, or vbridge-INSTANCE)");
+  app.add_flag("--no-docker-context", no_docker_context, "Do not create a docker CLI context");
+  app.add_option("-L,--forward-unix", forwards,
+                 "Extra unix socket forward HOST_PATH=GUEST_TARGET (repeatable); GUEST_TARGET is a name the guest "
+                 "agent maps or an absolute guest path it allows");
+  app.add_option("--status-sock", status_sock, "Status socket answering one JSON document per connection "
+                                               "(default RUNTIME_DIR/status.sock)");
+  app.add_option("--window-kib", window_kib, "Per-stream receive window in KiB")->capture_default_str()
+      ->check(CLI::Range(64u, 1024u * 1024u));
+  app.add_option("--keepalive-ms", keepalive_ms, "PING period; three missed answers drop the transport")
+      ->capture_default_str()->check(CLI::Range(100, 600000));
+  app.add_option("--log-level", log_level, "debug, info, warn or error")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+
+  log::set_component("vbridge-host");
+  log::Level level;
+  if (!log::parse_level(log_level, &level)) {
+    log::error("bad --log-level \"{}\": use debug, info, warn or error", log_level);
+    return 2;
+  }
+  log::set_level(level);
+
+  auto address = parse_address(transport);
+  if (!address) {
+    log::error("--transport: {}", address.error().message);
+    return 2;
+  }
+  if (runtime_dir.empty()) runtime_dir = default_runtime_dir(instance);
+  std::error_code ec;
+  std::filesystem::create_directories(runtime_dir, ec);
+  if (ec) {
+    log::error("cannot create runtime directory {}: {}; pass --runtime-dir", runtime_dir, ec.message());
+    return 1;
+  }
+  ::chmod(runtime_dir.c_str(), 0700);
+
+  AgentConfig config;
+  config.transport = *address;
+  config.instance = instance;
+  config.status_path = status_sock.empty() ? runtime_dir + "/status.sock" : status_sock;
+  config.keepalive_ms = keepalive_ms;
+  config.mux.initial_window = window_kib * 1024;
+  if (!no_docker) {
+    if (docker_sock.empty()) docker_sock = runtime_dir + "/docker.sock";
+    config.unix_forwards.push_back({docker_sock, docker_target, true});
+  }
+  for (const std::string& f : forwards) {
+    const size_t eq = f.find('=');
+    if (eq == std::string::npos || eq == 0 || eq + 1 == f.size()) {
+      log::error("bad --forward-unix \"{}\": expected HOST_PATH=GUEST_TARGET", f);
+      return 2;
+    }
+    config.unix_forwards.push_back({f.substr(0, eq), f.substr(eq + 1), false});
+  }
+
+  std::signal(SIGPIPE, SIG_IGN);
+  uv_loop_t* loop = uv_default_loop();
+  Agent agent(loop, config);
+  if (Status st = agent.start(); !st) {
+    log::error("{}", st.error().to_string());
+    return 1;
+  }
+
+  if (!no_docker) {
+    if (docker_context.empty()) docker_context = instance == "default" ? "vbridge" : "vbridge-" + instance;
+    if (!no_docker_context) {
+      if (Status st = ensure_docker_context(docker_context, docker_sock); !st) {
+        log::warn("{}", st.error().message);
+      } else {
+        log::info("docker context {} points at the bridge: docker --context {} ps", docker_context, docker_context);
+      }
+    }
+    log::info("DOCKER_HOST=unix://{}", docker_sock);
+  }
+
+  uv_signal_t sigterm, sigint;
+  uv_signal_init(loop, &sigterm);
+  uv_signal_init(loop, &sigint);
+  sigterm.data = sigint.data = &agent;
+  const auto on_signal = [](uv_signal_t* handle, int signum) {
+    log::info("received signal {}, shutting down", signum);
+    static_cast<Agent*>(handle->data)->stop();
+  };
+  uv_signal_start(&sigterm, on_signal, SIGTERM);
+  uv_signal_start(&sigint, on_signal, SIGINT);
+  // Once stopping, the signal handles must not keep the loop alive.
+  uv_unref(reinterpret_cast<uv_handle_t*>(&sigterm));
+  uv_unref(reinterpret_cast<uv_handle_t*>(&sigint));
+
+  uv_run(loop, UV_RUN_DEFAULT);
+  return 0;
+}

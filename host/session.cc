@@ -1,0 +1,172 @@
+#include "host/session.h"
+
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "protocol/log.h"
+
+namespace vbridge {
+
+Session::Session(uv_loop_t* loop, UniqueFd transport, BufferPool& pool, SessionObserver& observer,
+                 MuxConfig config)
+    : pool_(pool),
+      arena_(pool),
+      observer_(observer),
+      mux_(Role::kHost, *this, config),
+      poller_(loop, std::move(transport), [this](int status, int events) { on_poll(status, events); }) {
+  poller_.want(true, true);  // our HELLO is queued
+}
+
+Session::~Session() {
+  if (!lost_) shutdown(Error{ErrorCode::kGoingAway, 0, "host agent closing the transport"});
+}
+
+Result<StreamId> Session::open(const wire::TargetT& target, StreamSink* sink) {
+  if (lost_) return Error{ErrorCode::kIo, 0, "transport to the guest is down"};
+  auto id = mux_.open(target);
+  if (!id) return id;
+  sinks_[*id] = sink;
+  flush();
+  return id;
+}
+
+void Session::on_poll(int status, int events) {
+  if (lost_) return;
+  if (status < 0) {
+    lose(Error{ErrorCode::kIo, -status, "transport poll failed"});
+    return;
+  }
+  if (events & UV_READABLE) read_transport();
+  if (!lost_ && (events & UV_WRITABLE)) write_transport();
+}
+
+void Session::read_transport() {
+  // A few reads per wakeup, so one busy transport cannot starve the loop's other descriptors.
+  for (int i = 0; i < 4 && !lost_; ++i) {
+    std::span<std::byte> space = arena_.writable();
+    const ssize_t n = retry_eintr([&] { return ::read(poller_.fd(), space.data(), space.size()); });
+    if (n < 0) {
+      if (errno == EAGAIN) break;
+      lose(errno_error("transport read failed"));
+      return;
+    }
+    if (n == 0) {
+      lose(Error{ErrorCode::kIo, 0, "guest agent closed the transport"});
+      return;
+    }
+    if (Status st = mux_.feed(arena_.commit(static_cast<size_t>(n))); !st) {
+      lose(st.error());
+      return;
+    }
+    if (static_cast<size_t>(n) < space.size()) break;
+  }
+  flush();
+}
+
+void Session::flush() {
+  if (lost_ || in_flush_) return;
+  in_flush_ = true;
+  write_transport();
+  in_flush_ = false;
+}
+
+void Session::write_transport() {
+  iovec iov[IOV_MAX < 128 ? IOV_MAX : 128];
+  for (;;) {
+    const size_t count = mux_.prepare_output(iov);
+    if (count == 0) {
+      poller_.want(true, false);
+      return;
+    }
+    const ssize_t n = retry_eintr([&] { return ::writev(poller_.fd(), iov, static_cast<int>(count)); });
+    if (n < 0) {
+      if (errno == EAGAIN) {
+        poller_.want(true, true);
+        return;
+      }
+      lose(errno_error("transport write failed"));
+      return;
+    }
+    mux_.consume_output(static_cast<size_t>(n));
+  }
+}
+
+void Session::lose(const Error& error) {
+  if (lost_) return;
+  shutdown(error);
+  observer_.on_session_lost(error);
+}
+
+void Session::shutdown(const Error& error) {
+  if (lost_) return;
+  lost_ = true;
+  poller_.close(nullptr);
+  auto sinks = std::move(sinks_);
+  sinks_.clear();
+  const Error lost{error.code, error.errno_value, "transport to the guest lost: " + error.message};
+  for (auto& [id, s] : sinks) s->on_reset(lost);
+}
+
+void Session::send_ping() {
+  if (lost_) return;
+  mux_.ping(++pings_sent_);
+  flush();
+}
+
+StreamSink* Session::sink(StreamId id) {
+  const auto it = sinks_.find(id);
+  return it == sinks_.end() ? nullptr : it->second;
+}
+
+void Session::on_ready(const Hello& peer) { observer_.on_session_ready(peer); }
+
+void Session::on_open(StreamId id, const wire::Target& target) {
+  // Guest-initiated streams (host socket forwarded into the guest) are wired by the forwards layer; until
+  // a forward claims this target it is refused.
+  (void)target;
+  mux_.reject(id, EACCES, "host agent accepts no streams for this target");
+}
+
+void Session::on_open_result(StreamId id, const Error* error) {
+  StreamSink* s = sink(id);
+  if (error != nullptr) sinks_.erase(id);
+  if (s != nullptr) s->on_open_result(error);
+}
+
+void Session::on_data(StreamId id, Slice data) {
+  if (StreamSink* s = sink(id)) {
+    s->on_data(std::move(data));
+  } else {
+    mux_.reset(id, "no host endpoint for this stream");
+  }
+}
+
+void Session::on_fin(StreamId id) {
+  if (StreamSink* s = sink(id)) s->on_fin();
+}
+
+void Session::on_reset(StreamId id, const Error& error) {
+  StreamSink* s = sink(id);
+  sinks_.erase(id);
+  if (s != nullptr) s->on_reset(error);
+}
+
+void Session::on_writable(StreamId id) {
+  if (StreamSink* s = sink(id)) s->on_writable();
+}
+
+void Session::on_closed(StreamId id) {
+  StreamSink* s = sink(id);
+  sinks_.erase(id);
+  if (s != nullptr) s->on_closed();
+}
+
+void Session::on_control(const wire::Control& message) { observer_.on_control(message); }
+
+void Session::on_goaway(const std::string& message) {
+  log::info("guest agent is going away: {}", message);
+}
+
+void Session::on_pong(uint64_t token) { last_pong_ = token; }
+
+}  // namespace vbridge

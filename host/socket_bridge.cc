@@ -1,0 +1,221 @@
+#include "host/socket_bridge.h"
+
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include <fmt/format.h>
+
+#include "protocol/log.h"
+
+namespace vbridge {
+
+SocketBridge::SocketBridge(uv_loop_t* loop, UniqueFd client, ReadArena& arena, BridgeOwner& owner,
+                           BridgeOptions options)
+    : arena_(arena),
+      owner_(owner),
+      options_(std::move(options)),
+      poller_(loop, std::move(client), [this](int status, int events) { on_poll(status, events); }) {}
+
+SocketBridge::~SocketBridge() {
+  if (session_ != nullptr && stream_live_) session_->detach(id_);
+}
+
+void SocketBridge::attach(Session& session) {
+  auto id = session.open(options_.target, this);
+  if (!id) {
+    fail_open(id.error());
+    return;
+  }
+  session_ = &session;
+  id_ = *id;
+  stream_live_ = true;
+  log::at(log::Level::kDebug, id_, "{} connection opened", options_.name);
+  update_interest();
+}
+
+void SocketBridge::fail_open(const Error& error) {
+  log::at(log::Level::kWarn, id_, "{}: {}", options_.name, error.to_string());
+  stream_live_ = false;
+  if (!options_.http_errors) {
+    finish();
+    return;
+  }
+  // Tell an HTTP client (the docker CLI) what went wrong instead of a bare disconnect.
+  std::string text = error.message;
+  if (error.errno_value != 0) text += fmt::format(" ({})", std::strerror(error.errno_value));
+  std::string escaped;
+  for (char c : text) {
+    if (c == '"' || c == '\\') escaped += '\\';
+    escaped += c;
+  }
+  const std::string body = fmt::format("{{\"message\":\"vbridge: {}\"}}\n", escaped);
+  const std::string response = fmt::format(
+      "HTTP/1.1 502 Bad Gateway\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: "
+      "close\r\n\r\n{}",
+      body.size(), body);
+  std::span<std::byte> space = arena_.writable();
+  const size_t n = std::min(space.size(), response.size());
+  std::memcpy(space.data(), response.data(), n);
+  to_client_.push_back(arena_.commit(n));
+  peer_fin_ = true;
+  draining_error_ = true;
+  update_interest();
+}
+
+void SocketBridge::on_open_result(const Error* error) {
+  if (error != nullptr) {
+    fail_open(*error);
+    return;
+  }
+  log::at(log::Level::kDebug, id_, "{} stream accepted by the guest", options_.name);
+}
+
+void SocketBridge::on_data(Slice data) {
+  to_client_.push_back(std::move(data));
+  write_client();
+}
+
+void SocketBridge::on_fin() {
+  peer_fin_ = true;
+  write_client();
+}
+
+void SocketBridge::on_reset(const Error& error) {
+  stream_live_ = false;
+  if (!client_eof_ || !peer_fin_) log::at(log::Level::kInfo, id_, "{} stream ended: {}", options_.name, error.to_string());
+  to_client_.clear();
+  finish();
+}
+
+void SocketBridge::on_writable() { update_interest(); }
+
+void SocketBridge::on_closed() {
+  stream_live_ = false;
+  write_client();
+}
+
+void SocketBridge::on_poll(int status, int events) {
+  if (done_) return;
+  if (status < 0) {
+    abort(fmt::format("client socket poll failed: {}", uv_strerror(status)));
+    return;
+  }
+  if (events & UV_WRITABLE) write_client();
+  if (!done_ && (events & UV_READABLE)) read_client();
+}
+
+void SocketBridge::read_client() {
+  if (draining_error_) {
+    // Discard what the client still sends until it closes.
+    std::byte sink[4096];
+    const ssize_t n = retry_eintr([&] { return ::read(poller_.fd(), sink, sizeof sink); });
+    if (n == 0 || (n < 0 && errno != EAGAIN)) {
+      client_eof_ = true;
+      finish();
+    }
+    return;
+  }
+  if (!stream_live_ || client_eof_) return;
+  Mux& mux = session_->mux();
+  for (int i = 0; i < 4; ++i) {
+    const size_t capacity = mux.send_capacity(id_);
+    if (capacity == 0) break;
+    std::span<std::byte> space = arena_.writable();
+    const size_t want = std::min(capacity, space.size());
+    const ssize_t n = retry_eintr([&] { return ::read(poller_.fd(), space.data(), want); });
+    if (n < 0) {
+      if (errno == EAGAIN) break;
+      abort(fmt::format("client socket read failed: {}", std::strerror(errno)));
+      return;
+    }
+    if (n == 0) {
+      client_eof_ = true;
+      mux.shutdown_write(id_);
+      break;
+    }
+    mux.send(id_, arena_.commit(static_cast<size_t>(n)));
+    if (static_cast<size_t>(n) < want) break;
+  }
+  if (session_ != nullptr) session_->flush();
+  if (!done_) update_interest();
+}
+
+void SocketBridge::write_client() {
+  if (done_) return;
+  size_t written_total = 0;
+  while (!to_client_.empty()) {
+    iovec iov[64];
+    int count = 0;
+    for (auto it = to_client_.begin(); it != to_client_.end() && count < 64; ++it, ++count) {
+      iov[count] = iovec{it->data(), it->size()};
+    }
+    const ssize_t n = retry_eintr([&] { return ::writev(poller_.fd(), iov, count); });
+    if (n < 0) {
+      if (errno == EAGAIN) break;
+      abort(fmt::format("client socket write failed: {}", std::strerror(errno)));
+      return;
+    }
+    size_t left = static_cast<size_t>(n);
+    written_total += left;
+    while (left > 0) {
+      Slice& front = to_client_.front();
+      if (front.size() <= left) {
+        left -= front.size();
+        to_client_.pop_front();
+      } else {
+        front.advance(left);
+        left = 0;
+      }
+    }
+  }
+  if (written_total > 0 && stream_live_ && !draining_error_) {
+    session_->mux().consume(id_, written_total);
+    session_->flush();
+  }
+  if (to_client_.empty() && peer_fin_ && !client_shut_) {
+    client_shut_ = true;
+    ::shutdown(poller_.fd(), SHUT_WR);
+  }
+  if (to_client_.empty() && !stream_live_ && client_shut_ && !draining_error_) {
+    finish();
+    return;
+  }
+  update_interest();
+}
+
+void SocketBridge::update_interest() {
+  if (done_) return;
+  const bool want_read = draining_error_ ||
+                         (stream_live_ && !client_eof_ && session_->mux().send_capacity(id_) > 0);
+  poller_.want(want_read, !to_client_.empty());
+}
+
+void SocketBridge::abort(const std::string& why) {
+  log::at(log::Level::kInfo, id_, "{}: {}", options_.name, why);
+  if (stream_live_) {
+    stream_live_ = false;
+    session_->detach(id_);
+    session_->mux().reset(id_, why);
+    session_->flush();
+  }
+  to_client_.clear();
+  finish();
+}
+
+void SocketBridge::finish() {
+  if (done_) return;
+  done_ = true;
+  if (stream_live_) {
+    stream_live_ = false;
+    session_->detach(id_);
+    session_->mux().reset(id_, "host connection closed");
+    session_->flush();
+  }
+  to_client_.clear();
+  poller_.close([this] { owner_.bridge_done(this); });
+}
+
+}  // namespace vbridge

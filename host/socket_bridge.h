@@ -1,0 +1,72 @@
+// Joins one host socket (a docker CLI connection, a forwarded client) to one mux stream. Bytes read from
+// the socket go to the stream as pool Slices; Slices received on the stream are written to the socket from
+// the memory they arrived in. Half-close is carried both ways; an error ends this bridge only.
+#pragma once
+
+#include <deque>
+#include <string>
+
+#include "host/poller.h"
+#include "host/session.h"
+
+namespace vbridge {
+
+class SocketBridge;
+
+class BridgeOwner {
+ public:
+  virtual ~BridgeOwner() = default;
+  // The bridge finished and closed its socket; the owner destroys it outside the current call stack.
+  virtual void bridge_done(SocketBridge* bridge) = 0;
+};
+
+struct BridgeOptions {
+  wire::TargetT target;
+  std::string name;         // for logs and errors, e.g. "docker"
+  bool http_errors = false; // answer a failed open with an HTTP error the client can show
+};
+
+class SocketBridge final : public StreamSink {
+ public:
+  SocketBridge(uv_loop_t* loop, UniqueFd client, ReadArena& arena, BridgeOwner& owner, BridgeOptions options);
+  ~SocketBridge() override;
+
+  // Opens the stream on `session`. Until then the client waits (the kernel buffers its first bytes).
+  void attach(Session& session);
+  // The stream could not be opened (no transport within the deadline, or the guest refused).
+  void fail_open(const Error& error);
+  bool attached() const { return session_ != nullptr; }
+  StreamId stream_id() const { return id_; }
+
+  // StreamSink
+  void on_open_result(const Error* error) override;
+  void on_data(Slice data) override;
+  void on_fin() override;
+  void on_reset(const Error& error) override;
+  void on_writable() override;
+  void on_closed() override;
+
+ private:
+  void on_poll(int status, int events);
+  void read_client();
+  void write_client();
+  void update_interest();
+  void abort(const std::string& why);
+  void finish();
+
+  ReadArena& arena_;
+  BridgeOwner& owner_;
+  BridgeOptions options_;
+  Poller poller_;
+  Session* session_ = nullptr;
+  StreamId id_ = 0;
+  std::deque<Slice> to_client_;     // stream bytes waiting for the client socket
+  bool stream_live_ = false;        // the stream exists in the mux
+  bool client_eof_ = false;         // the client half-closed (we sent FIN)
+  bool peer_fin_ = false;           // the guest side half-closed
+  bool client_shut_ = false;        // we shut down the client socket's write side
+  bool draining_error_ = false;     // an error answer is being written; discard client input
+  bool done_ = false;
+};
+
+}  // namespace vbridge
