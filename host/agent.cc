@@ -24,12 +24,24 @@ Agent::~Agent() = default;
 Status Agent::start() {
   for (const UnixForward& forward : config_.unix_forwards) {
     Address address{Address::Kind::kUnix, forward.host_path};
-    auto listener = Listener::listen(loop_, address, [this, &forward](UniqueFd client) {
-      accept_client(std::move(client), forward);
+    BridgeOptions options;
+    options.target.proto = wire::Proto::Unix;
+    options.target.path = forward.guest_target;
+    options.name = forward.guest_target;
+    options.http_errors = forward.http_errors;
+    auto listener = Listener::listen(loop_, address, [this, options](UniqueFd client) {
+      accept_client(std::move(client), options);
     });
     if (!listener) return listener.error();
     log::info("listening on {} for guest target {}", forward.host_path, forward.guest_target);
     listeners_.push_back(std::move(*listener));
+  }
+  ports_ = std::make_unique<PortForwards>(
+      loop_, pool_, config_.ports,
+      [this](UniqueFd client, BridgeOptions options) { accept_client(std::move(client), std::move(options)); },
+      [this]() -> Session* { return ready_ ? session_.get() : nullptr; });
+  for (const StaticPortForward& f : config_.static_ports) {
+    if (Status st = ports_->add_static(f.proto, f.host_address, f.host_port, f.guest_port); !st) return st;
   }
   if (!config_.status_path.empty()) {
     auto listener = Listener::listen(loop_, Address{Address::Kind::kUnix, config_.status_path},
@@ -48,6 +60,7 @@ void Agent::stop() {
   log::info("stopping: sessions={} clients={} reconnects={}", counters_.sessions, counters_.clients_accepted,
             counters_.reconnects);
   listeners_.clear();
+  ports_.reset();
   if (session_) {
     session_->mux().goaway("host agent stopping");
     session_->flush();
@@ -108,16 +121,18 @@ void Agent::on_session_lost(const Error& error) {
 }
 
 void Agent::on_control(const wire::Control& message) {
-  log::debug("control message {} from the guest", wire::EnumNameMessage(message.message_type()));
+  switch (message.message_type()) {
+    case wire::Message::Ports:
+      if (ports_) ports_->apply(*message.message_as_Ports());
+      break;
+    default:
+      log::debug("control message {} from the guest", wire::EnumNameMessage(message.message_type()));
+  }
 }
 
-void Agent::accept_client(UniqueFd client, const UnixForward& forward) {
+void Agent::accept_client(UniqueFd client, BridgeOptions options) {
+  if (stopping_) return;
   ++counters_.clients_accepted;
-  BridgeOptions options;
-  options.target.proto = wire::Proto::Unix;
-  options.target.path = forward.guest_target;
-  options.name = forward.guest_target;
-  options.http_errors = forward.http_errors;
   auto bridge = std::make_unique<SocketBridge>(loop_, std::move(client), client_arena_, *this, std::move(options));
   SocketBridge* raw = bridge.get();
   bridges_.emplace(raw, std::move(bridge));
@@ -145,6 +160,7 @@ void Agent::reap() {
 
 void Agent::on_tick() {
   const auto now = Clock::now();
+  if (ports_) ports_->tick();
   while (!pending_.empty() && pending_.front().deadline <= now) {
     ++counters_.clients_failed;
     SocketBridge* b = pending_.front().bridge;
@@ -205,6 +221,7 @@ std::string Agent::status_json() const {
     forwards.push_back({{"host", f.host_path}, {"guest", f.guest_target}});
   }
   j["forwards"] = forwards;
+  j["ports"] = ports_ ? ports_->status() : nlohmann::json::array();
   return j.dump();
 }
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "host/listener.h"
+#include "host/port_forwards.h"
 #include "host/session.h"
 #include "host/socket_bridge.h"
 #include "protocol/address.h"
@@ -25,8 +26,18 @@ struct UnixForward {
   bool http_errors = false;  // the Docker API: failures are answered as HTTP errors
 };
 
+// A host port forwarded to a guest port from configuration (not following the guest).
+struct StaticPortForward {
+  wire::Proto proto = wire::Proto::Tcp;
+  std::string host_address = "127.0.0.1";
+  uint16_t host_port = 0;
+  uint16_t guest_port = 0;
+};
+
 struct AgentConfig {
   Address transport;
+  PortForwardConfig ports;
+  std::vector<StaticPortForward> static_ports;
   std::string instance = "default";
   std::string status_path;
   std::vector<UnixForward> unix_forwards;
@@ -34,7 +45,7 @@ struct AgentConfig {
   int connect_timeout_ms = 2000;
   int pending_timeout_ms = 5000;   // how long a client waits for the transport before an error
   int keepalive_ms = 5000;         // PING period; 3 unanswered pings mean the guest is gone
-  int max_backoff_ms = 1000;
+  int max_backoff_ms = 500;
 };
 
 struct AgentCounters {
@@ -68,7 +79,7 @@ class Agent final : public SessionObserver, public BridgeOwner {
   void dial();
   void schedule_dial();
   void on_tick();
-  void accept_client(UniqueFd client, const UnixForward& forward);
+  void accept_client(UniqueFd client, BridgeOptions options);
   void serve_status(UniqueFd client);
   void reap();
 
@@ -81,6 +92,7 @@ class Agent final : public SessionObserver, public BridgeOwner {
   bool ready_ = false;
   bool stopping_ = false;
   std::vector<std::unique_ptr<Listener>> listeners_;
+  std::unique_ptr<PortForwards> ports_;
   std::unordered_map<SocketBridge*, std::unique_ptr<SocketBridge>> bridges_;
   std::vector<SocketBridge*> finished_;
   std::deque<Pending> pending_;

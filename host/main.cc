@@ -5,6 +5,7 @@
 
 #include <CLI/CLI.hpp>
 #include <csignal>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 
@@ -20,6 +21,38 @@ std::string default_runtime_dir(const std::string& instance) {
   }
   if (::getuid() == 0) return "/run/vbridge/" + instance;
   return "/tmp/vbridge-" + std::to_string(::getuid()) + "/" + instance;
+}
+
+// [HOSTADDR:]HOSTPORT:GUESTPORT[/udp]
+vbridge::Result<vbridge::StaticPortForward> parse_publish(std::string text) {
+  using vbridge::Error;
+  using vbridge::ErrorCode;
+  vbridge::StaticPortForward f;
+  if (text.size() > 4 && text.substr(text.size() - 4) == "/udp") {
+    f.proto = vbridge::wire::Proto::Udp;
+    text.resize(text.size() - 4);
+  } else if (text.size() > 4 && text.substr(text.size() - 4) == "/tcp") {
+    text.resize(text.size() - 4);
+  }
+  const size_t last = text.rfind(':');
+  if (last == std::string::npos) return Error{ErrorCode::kConfig, 0, "expected [HOSTADDR:]HOSTPORT:GUESTPORT[/udp]"};
+  const size_t mid = text.rfind(':', last - 1);
+  std::string host_port = text.substr(0, last);
+  if (mid != std::string::npos && last > 0) {
+    f.host_address = text.substr(0, mid);
+    if (f.host_address.size() > 2 && f.host_address.front() == '[') {
+      f.host_address = f.host_address.substr(1, f.host_address.size() - 2);
+    }
+    host_port = text.substr(mid + 1, last - mid - 1);
+  }
+  const int hp = std::atoi(host_port.c_str());
+  const int gp = std::atoi(text.substr(last + 1).c_str());
+  if (hp <= 0 || hp > 65535 || gp <= 0 || gp > 65535) {
+    return Error{ErrorCode::kConfig, 0, "ports must be 1-65535"};
+  }
+  f.host_port = static_cast<uint16_t>(hp);
+  f.guest_port = static_cast<uint16_t>(gp);
+  return f;
 }
 
 }  // namespace
@@ -40,6 +73,12 @@ int main(int argc, char** argv) {
   std::string log_level = "info";
   uint32_t window_kib = 4096;
   int keepalive_ms = 5000;
+  std::vector<std::string> publish;
+  std::vector<std::string> port_maps;
+  std::string bind_v4 = "127.0.0.1";
+  std::string bind_v6 = "::1";
+  bool no_follow_ports = false;
+  int udp_idle_s = 60;
 
   app.add_option("-t,--transport", transport,
                  "Where the guest agent listens: unix:/path, tcp:HOST:PORT, vsock:CID:PORT, or hvsock:/path:PORT "
@@ -62,6 +101,16 @@ int main(int argc, char** argv) {
   app.add_option("-L,--forward-unix", forwards,
                  "Extra unix socket forward HOST_PATH=GUEST_TARGET (repeatable); GUEST_TARGET is a name the guest "
                  "agent maps or an absolute guest path it allows");
+  app.add_option("-p,--publish", publish,
+                 "Static port forward [HOSTADDR:]HOSTPORT:GUESTPORT[/udp] (repeatable), kept whatever the guest "
+                 "listens on");
+  app.add_option("--port-map", port_maps,
+                 "Bind guest port GUEST on host port HOST when following the guest: GUEST=HOST (repeatable)");
+  app.add_option("--bind-address", bind_v4, "IPv4 address followed ports bind on")->capture_default_str();
+  app.add_option("--bind-address6", bind_v6, "IPv6 address followed ports bind on")->capture_default_str();
+  app.add_flag("--no-follow-ports", no_follow_ports, "Do not forward the ports the guest listens on");
+  app.add_option("--udp-idle-seconds", udp_idle_s, "End a UDP flow after this long without traffic")
+      ->capture_default_str()->check(CLI::Range(1, 86400));
   app.add_option("--status-sock", status_sock, "Status socket answering one JSON document per connection "
                                                "(default RUNTIME_DIR/status.sock)");
   app.add_option("--window-kib", window_kib, "Per-stream receive window in KiB")->capture_default_str()
@@ -110,6 +159,29 @@ int main(int argc, char** argv) {
       return 2;
     }
     config.unix_forwards.push_back({f.substr(0, eq), f.substr(eq + 1), false});
+  }
+
+  config.ports.follow_guest = !no_follow_ports;
+  config.ports.bind_v4 = bind_v4;
+  config.ports.bind_v6 = bind_v6;
+  config.ports.udp_idle_timeout = std::chrono::seconds(udp_idle_s);
+  for (const std::string& m : port_maps) {
+    unsigned guest = 0, host = 0;
+    char tail = 0;
+    if (std::sscanf(m.c_str(), "%u=%u%c", &guest, &host, &tail) != 2 || guest == 0 || host == 0 || guest > 65535 ||
+        host > 65535) {
+      log::error("bad --port-map \"{}\": expected GUESTPORT=HOSTPORT, e.g. 80=8080", m);
+      return 2;
+    }
+    config.ports.remap[static_cast<uint16_t>(guest)] = static_cast<uint16_t>(host);
+  }
+  for (const std::string& p : publish) {
+    auto parsed = parse_publish(p);
+    if (!parsed) {
+      log::error("bad --publish \"{}\": {}", p, parsed.error().message);
+      return 2;
+    }
+    config.static_ports.push_back(*parsed);
   }
 
   std::signal(SIGPIPE, SIG_IGN);

@@ -19,6 +19,7 @@ Environment variables:
 * VBRIDGE_BUILD_DIR     -- the CMake build folder (set by ctest); see `find_binary`.
 * VBRIDGE_DOCKER_CLI    -- the docker client to use (default: /usr/bin/docker, else `docker` on PATH).
 * VBRIDGE_KEEP_WORKDIR  -- set to 1 to keep workdirs (with all logs) after the tests, for debugging.
+* VBRIDGE_DOCKER_STORAGE_DRIVER -- dockerd's storage driver (default vfs; overlay2 starts containers faster).
 * VBRIDGE_STRICT        -- set to 1 (or CI set) to turn "dockerd unavailable" skips into failures.
 
 Notes on Debian 12's docker.io (dockerd 20.10) with `--bridge=none`:
@@ -775,6 +776,8 @@ class Dockerd:
     passes `--containerd`. dockerd also gets its own `--config-file`, so /etc/docker/daemon.json is ignored.
 
     `netns`: run both daemons inside that Netns (containers then see only its network).
+    `storage_driver`: default $VBRIDGE_DOCKER_STORAGE_DRIVER or vfs. vfs works on any filesystem; overlay2
+    works on these machines too and makes `docker run` about four times faster (~0.25 s instead of ~1 s).
     """
 
     def __init__(
@@ -783,7 +786,7 @@ class Dockerd:
         name: str = "docker",
         *,
         netns: Netns | None = None,
-        storage_driver: str = "vfs",
+        storage_driver: str | None = None,
         extra_args: Sequence[str] = (),
         config: dict[str, Any] | None = None,
     ) -> None:
@@ -798,7 +801,7 @@ class Dockerd:
         self.config_file = os.path.join(self.root, "daemon.json")
         self.containerd_root = os.path.join(self.root, "ctd")
         self.containerd_socket = os.path.join(self.containerd_root, "containerd.sock")
-        self.storage_driver = storage_driver
+        self.storage_driver = storage_driver or os.environ.get("VBRIDGE_DOCKER_STORAGE_DRIVER") or "vfs"
         self.extra_args = list(extra_args)
         self.config = dict(config or {})
         self.containerd: Process | None = None
@@ -853,7 +856,7 @@ class Dockerd:
         """Starts containerd and dockerd; returns when GET /_ping answers (or raises with the logs)."""
         if self.dockerd is not None:
             raise FixtureError("Dockerd already started")
-        defer(self.stop)  # runs after both processes' own cleanup: sweeps leftovers
+        defer(self._sweep_shims)  # runs last, also when the start fails half-way
         deadline = time.monotonic() + timeout
         os.makedirs(self.containerd_root, exist_ok=True)
         config = os.path.join(self.containerd_root, "config.toml")
@@ -870,6 +873,7 @@ class Dockerd:
         self.dockerd = Process(
             self.root, "dockerd", self._wrap(self.dockerd_argv()), extra_env=env, cwd=self.root, term_timeout=30.0
         )
+        defer(self.stop)  # runs before the processes' own cleanup, to kill the containers first
 
         def ready() -> bool:
             assert self.dockerd is not None
@@ -896,9 +900,37 @@ class Dockerd:
     def logs(self) -> str:
         return "\n".join(p.logs() for p in (self.dockerd, self.containerd) if p is not None)
 
+    def kill_all_containers(self) -> None:
+        """SIGKILLs every running container through the API (best effort).
+
+        dockerd's own shutdown sends SIGTERM and waits each container's stop timeout (10 s by default), and a
+        process that is PID 1 in its container, like `sleep`, ignores SIGTERM.
+        """
+        try:
+            status, _, body = unix_http(self.socket_path, "GET", "/containers/json", timeout=5)
+            if status != 200:
+                return
+            for container in json.loads(body):
+                unix_http(self.socket_path, "POST", f"/containers/{container['Id']}/kill", timeout=5)
+        except (OSError, http.client.HTTPException, ValueError, KeyError):
+            pass
+
+    def shim_pids(self) -> list[int]:
+        """PIDs of the containerd shims of this instance (one per running container)."""
+        needle = self.containerd_socket.encode()
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                argv = _cmdline(int(entry)).split(b"\0")
+                if os.path.basename(argv[0]).startswith(b"containerd-shim") and needle in argv:
+                    pids.append(int(entry))
+        return pids
+
     def stop(self) -> None:
-        """Stops dockerd (which stops its containers), then containerd, then kills any shim left behind."""
+        """Kills the containers, stops dockerd, then containerd, then kills any shim left behind."""
         if self.dockerd is not None:
+            if self.dockerd.alive():
+                self.kill_all_containers()
             self.dockerd.terminate()
         if self.containerd is not None:
             self.containerd.terminate()
@@ -907,10 +939,7 @@ class Dockerd:
     def _sweep_shims(self) -> None:
         # Only after a crash or SIGKILL of dockerd: shims (and their containers) outlive containerd.
         # They are recognised by our own containerd socket on their command line and killed by PID.
-        needle = self.containerd_socket.encode()
-        ours = {p.pid for p in (self.dockerd, self.containerd) if p is not None}
-        shims = [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) not in ours and needle in _cmdline(int(e))]
-        for shim in shims:
+        for shim in self.shim_pids():
             for pid in [*descendants(shim), shim]:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)

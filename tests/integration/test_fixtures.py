@@ -232,7 +232,7 @@ class DockerdTest(FixtureTestCase):
         r = self.docker("info", "--format", "{{json .}}")
         self.assertTrue(self.dockerd.containerd.alive())
         self.assertTrue(os.path.exists(self.dockerd.containerd_socket))
-        self.assertEqual(json.loads(r.stdout)["Driver"], "vfs")
+        self.assertEqual(json.loads(r.stdout)["Driver"], self.dockerd.storage_driver)
 
     def test_image_imported(self):
         r = self.docker("image", "inspect", "--format", "{{json .Config.Env}}", IMAGE)
@@ -299,10 +299,6 @@ class DockerdLifecycleTest(FixtureTestCase):
         super().setUp()
         fixtures.require_dockerd()
 
-    def shims_of(self, d):
-        needle = d.containerd_socket.encode()
-        return [int(e) for e in os.listdir("/proc") if e.isdigit() and needle in fixtures._cmdline(int(e))]
-
     def test_two_in_sequence_and_clean_stop(self):
         for name in ("first", "second"):
             d = Dockerd(self.workdir, name).start()
@@ -311,13 +307,30 @@ class DockerdLifecycleTest(FixtureTestCase):
             self.assertFalse(d.dockerd.alive())
             self.assertFalse(d.containerd.alive())
             self.assertFalse(d.ping())
-            self.assertEqual(self.shims_of(d), [])
+            self.assertEqual(d.shim_pids(), [])
+
+    def test_stop_with_a_running_container_is_quick(self):
+        d = Dockerd(self.workdir).start()
+        fixtures.make_busybox_image(d.docker)
+        d.docker(["run", "-d", IMAGE, "sleep", "300"], check=True)  # PID 1 ignores SIGTERM
+        start = time.monotonic()
+        d.stop()
+        self.assertLess(time.monotonic() - start, 5)
+        self.assertEqual(d.dockerd.returncode, 0, d.logs())
+        self.assertEqual(d.shim_pids(), [])
+
+    def test_overlay2_driver(self):
+        d = Dockerd(self.workdir, storage_driver="overlay2").start()
+        fixtures.make_busybox_image(d.docker)
+        r = d.docker(["run", "--rm", IMAGE, "echo", "ok"], check=True)
+        self.assertEqual(r.stdout, "ok\n")
+        self.assertEqual(d.docker(["info", "--format", "{{.Driver}}"], check=True).stdout.strip(), "overlay2")
 
     def test_kill9_of_dockerd_leaves_nothing_behind(self):
         d = Dockerd(self.workdir).start()
         fixtures.make_busybox_image(d.docker)
         d.docker(["run", "-d", IMAGE, "sleep", "300"], check=True)
-        shims = self.shims_of(d)
+        shims = d.shim_pids()
         self.assertEqual(len(shims), 1)
         container_pids = fixtures.descendants(shims[0])
         self.assertTrue(container_pids)
@@ -331,7 +344,7 @@ class DockerdLifecycleTest(FixtureTestCase):
         d = Dockerd(self.workdir, netns=ns).start()
         fixtures.make_busybox_image(d.docker)
         port = free_port()
-        d.docker(["run", "-d", "--network", "host", IMAGE, "nc", "-lk", "-p", str(port), "-e", "echo", "pong"],
+        d.docker(["run", "-d", "--network", "host", IMAGE, "nc", "-ll", "-p", str(port), "-e", "echo", "pong"],
                  check=True)  # fmt: skip
         probe = f"import socket; print(socket.create_connection(('127.0.0.1', {port}), 5).recv(100).decode().strip())"
         fixtures.wait_for(lambda: ns.run([PY, "-c", probe]).stdout == "pong\n", 20, "nc in the netns to answer")

@@ -1,0 +1,85 @@
+// Host ports that follow what the guest listens on. PORTS diffs from the guest agent add and remove
+// forwards; each guest listener is bound on the host's loopback (127.0.0.1 for IPv4, ::1 for IPv6, both
+// for a dual-stack wildcard), remapped where configured. A port the host cannot bind is kept in the table
+// with the reason, logged once, and shown in status.
+#pragma once
+
+#include <uv.h>
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <string>
+#include <tuple>
+
+#include "host/listener.h"
+#include "host/socket_bridge.h"
+#include "host/udp_forward.h"
+
+namespace vbridge {
+
+struct PortForwardConfig {
+  bool follow_guest = true;            // forward whatever the guest listens on
+  std::string bind_v4 = "127.0.0.1";
+  std::string bind_v6 = "::1";
+  std::map<uint16_t, uint16_t> remap;  // guest port -> host port
+  std::chrono::milliseconds udp_idle_timeout{60000};
+};
+
+// A guest listener as the host tracks it.
+struct GuestPort {
+  wire::Proto proto;
+  wire::Family family;
+  std::string address;
+  uint16_t port;
+  auto key() const { return std::tie(proto, family, address, port); }
+  bool operator<(const GuestPort& o) const { return key() < o.key(); }
+};
+
+class PortForwards {
+ public:
+  using AcceptFn = std::function<void(UniqueFd client, BridgeOptions options)>;
+  PortForwards(uv_loop_t* loop, BufferPool& pool, PortForwardConfig config, AcceptFn accept,
+               UdpForward::SessionFn session);
+  ~PortForwards();
+
+  // Applies a PORTS message (a diff, or a full snapshot when `full`).
+  void apply(const wire::Ports& ports);
+  // Adds a forward from configuration (host port -> guest port); never removed by PORTS.
+  Status add_static(wire::Proto proto, const std::string& host_address, uint16_t host_port, uint16_t guest_port);
+  void tick();
+  nlohmann::json status() const;
+  size_t active() const;
+
+ private:
+  // One host socket: (proto, host address, host port). Several guest listeners may share it.
+  struct HostBinding {
+    wire::Proto proto;
+    std::string host_address;
+    uint16_t host_port;
+    wire::TargetT target;
+    std::unique_ptr<Listener> tcp;
+    std::unique_ptr<UdpForward> udp;
+    std::string error;
+    int refs = 0;
+    bool is_static = false;
+  };
+  using BindingKey = std::tuple<wire::Proto, std::string, uint16_t>;
+
+  void add(const GuestPort& port);
+  void remove(const GuestPort& port);
+  std::vector<std::string> host_addresses(const GuestPort& port) const;
+  void bind(HostBinding& binding);
+
+  uv_loop_t* loop_;
+  BufferPool& pool_;
+  PortForwardConfig config_;
+  AcceptFn accept_;
+  UdpForward::SessionFn session_;
+  std::set<GuestPort> guest_ports_;
+  std::map<BindingKey, HostBinding> bindings_;
+};
+
+}  // namespace vbridge
