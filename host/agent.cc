@@ -17,6 +17,7 @@ Agent::Agent(uv_loop_t* loop, AgentConfig config)
   uv_timer_init(loop_, &tick_timer_);
   uv_idle_init(loop_, &reaper_);
   dial_timer_.data = tick_timer_.data = reaper_.data = this;
+  disconnected_since_ = Clock::now();
 }
 
 Agent::~Agent() = default;
@@ -114,6 +115,7 @@ void Agent::on_session_lost(const Error& error) {
   if (error.code == ErrorCode::kProtocol || error.code == ErrorCode::kVersion) ++counters_.protocol_errors;
   log::warn("lost the guest agent at {}: {}", config_.transport.to_string(), error.to_string());
   ready_ = false;
+  disconnected_since_ = Clock::now();
   ++counters_.reconnects;
   dead_sessions_.push_back(std::move(session_));
   uv_idle_start(&reaper_, [](uv_idle_t* h) { static_cast<Agent*>(h->data)->reap(); });
@@ -138,9 +140,12 @@ void Agent::accept_client(UniqueFd client, BridgeOptions options) {
   bridges_.emplace(raw, std::move(bridge));
   if (ready_ && session_) {
     raw->attach(*session_);
-  } else {
-    pending_.push_back({raw, Clock::now() + std::chrono::milliseconds(config_.pending_timeout_ms)});
+    return;
   }
+  // Clients wait out a short reconnect; once the guest has been away longer, they hear so at once.
+  const auto deadline = disconnected_since_ + std::chrono::milliseconds(config_.pending_timeout_ms);
+  pending_.push_back({raw, std::max(deadline, Clock::now())});
+  if (deadline <= Clock::now()) on_tick();
 }
 
 void Agent::bridge_done(SocketBridge* bridge) {

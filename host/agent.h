@@ -102,6 +102,7 @@ class Agent final : public SessionObserver, public BridgeOwner {
   int backoff_ms_ = 0;
   std::chrono::steady_clock::time_point last_ping_;
   std::chrono::steady_clock::time_point connected_since_;
+  std::chrono::steady_clock::time_point disconnected_since_;
   std::string last_error_;
   AgentCounters counters_;
 };

@@ -213,8 +213,9 @@ Status Mux::on_frame_payload(std::span<const std::byte> payload) {
       if (s == nullptr) return {};
       if (s->fin_received) return Error{ErrorCode::kProtocol, 0, fmt::format("second FIN on stream {}", s->id)};
       s->fin_received = true;
-      handler_.on_fin(s->id);
-      update(*s);
+      handler_.on_fin(h.stream_id);
+      // The handler may have ended the stream and flushed the transport, which reaps it: look it up again.
+      if (Stream* again = find(h.stream_id)) update(*again);
       return {};
     }
     case FrameType::kRst: {
@@ -245,6 +246,11 @@ Status Mux::handle_control(StreamId id, std::span<const std::byte> payload) {
   }
   const wire::Control* control = wire::GetControl(payload.data());
   const auto type = control->message_type();
+  // The verifier accepts a union type without its table; every message needs one.
+  if (control->message() == nullptr) {
+    return Error{ErrorCode::kProtocol, 0,
+                 fmt::format("CONTROL message {} on stream {} has no body", wire::EnumNameMessage(type), id)};
+  }
   if (id == 0) {
     switch (type) {
       case wire::Message::Ports:
@@ -597,7 +603,11 @@ void Mux::update(Stream& s) {
       s.starved = true;
     } else if (s.starved) {
       s.starved = false;
-      handler_.on_writable(s.id);
+      const StreamId id = s.id;
+      handler_.on_writable(id);
+      // As after on_fin: `s` may be gone. Start over on what is left.
+      if (Stream* again = find(id)) update(*again);
+      return;
     }
   }
   if (s.phase == StreamPhase::kOpen && s.fin_sent && s.fin_received) {

@@ -378,6 +378,90 @@ std::string open_frame(StreamId id) {
   return header(b.GetSize(), id, 2) + std::string(reinterpret_cast<const char*>(b.GetBufferPointer()), b.GetSize());
 }
 
+// A handler that ends a stream and flushes the transport from inside a callback: the flush reaps the
+// stream, which the mux must not touch again afterwards.
+struct ResetAndFlushHandler : testing::RecordingHandler {
+  std::string on = "fin";  // the callback that resets
+  void act(StreamId id) {
+    mux->reset(id, "handler gave up");
+    (void)testing::drain(*mux);
+  }
+  void on_fin(StreamId id) override {
+    RecordingHandler::on_fin(id);
+    if (on == "fin") act(id);
+  }
+  void on_writable(StreamId id) override {
+    RecordingHandler::on_writable(id);
+    if (on == "writable") act(id);
+  }
+};
+
+TEST(Mux, StreamResetAndReapedInsideOnFinIsNotTouchedAgain) {
+  BufferPool pool;
+  testing::RecordingHandler host_handler;
+  ResetAndFlushHandler guest_handler;
+  Mux host(Role::kHost, host_handler);
+  Mux guest(Role::kGuest, guest_handler);
+  host_handler.mux = &host;
+  guest_handler.mux = &guest;
+  const StreamId id = *host.open(unix_target("/s"));
+  host.shutdown_write(id);
+  testing::pump(host, guest, pool);
+  testing::pump(guest, host, pool);
+  testing::pump(host, guest, pool);
+  EXPECT_EQ(guest_handler.count("fin"), 1u);
+  EXPECT_FALSE(guest.has_stream(id));
+  EXPECT_FALSE(guest.failure().has_value());
+}
+
+TEST(Mux, StreamResetAndReapedInsideOnWritableIsNotTouchedAgain) {
+  MuxConfig c;
+  c.initial_window = 4096;
+  BufferPool pool;
+  ResetAndFlushHandler host_handler;
+  host_handler.on = "writable";
+  testing::RecordingHandler guest_handler;
+  Mux host(Role::kHost, host_handler, c);
+  Mux guest(Role::kGuest, guest_handler, c);
+  host_handler.mux = &host;
+  guest_handler.mux = &guest;
+  testing::pump(guest, host, pool);
+  const StreamId id = *host.open(unix_target("/s"));
+  ASSERT_TRUE(host.send(id, pool.acquire().sub(0, 4096)));
+  EXPECT_EQ(host.send_capacity(id), 0u);
+  // The guest consumes; its WINDOW_UPDATE makes the host writable, and the handler resets from on_writable.
+  testing::pump(host, guest, pool);
+  testing::pump(guest, host, pool);
+  EXPECT_EQ(host_handler.count("writable"), 1u);
+  EXPECT_FALSE(host.has_stream(id));
+  EXPECT_FALSE(host.failure().has_value());
+}
+
+// The FlatBuffers verifier accepts a union type whose table is absent; such a message used to be
+// dereferenced as if the table were there.
+TEST(Mux, ControlMessageWithoutBodyIsAConnectionErrorNotACrash) {
+  for (const auto type : {wire::Message::Open, wire::Message::OpenFail, wire::Message::GoAway,
+                          wire::Message::Ports}) {
+    BufferPool pool;
+    testing::RecordingHandler h;
+    Mux guest(Role::kGuest, h);
+    h.mux = &guest;
+    flatbuffers::FlatBufferBuilder b;
+    wire::ControlBuilder control(b);
+    control.add_message_type(type);
+    b.Finish(control.Finish());
+    StreamId id = 0;
+    if (type == wire::Message::Open) id = 1;
+    if (type == wire::Message::OpenFail) id = *guest.open(unix_target("/s"));  // an answer to our own open
+    const std::string frame = header(b.GetSize(), id, 2) +
+                              std::string(reinterpret_cast<const char*>(b.GetBufferPointer()), b.GetSize());
+    const Status st = guest.feed(testing::to_slice(pool, hello_bytes() + frame));
+    ASSERT_FALSE(st.ok()) << wire::EnumNameMessage(type);
+    EXPECT_NE(st.error().message.find("no body"), std::string::npos) << st.error().message;
+    EXPECT_EQ(h.count("control"), 0u);
+  }
+}
+
 class MalformedInput : public ::testing::TestWithParam<Malformed> {};
 
 TEST_P(MalformedInput, IsAConnectionErrorWithAReason) {

@@ -11,7 +11,7 @@ A *path* carries a client's connection to the loadgen server. Every path object 
     stop()        tear it down; safe to call twice and after a failed start()
 
 Every process is started through Children, which remembers its PID and stops it, together with the
-processes it forked, by PID — also on Ctrl-C or an exception (run_e2e.py calls Env.close() in a finally).
+processes it forked, by PID, also on Ctrl-C or an exception (run_e2e.py calls Env.close() in a finally).
 """
 
 from __future__ import annotations
@@ -429,16 +429,11 @@ class SshLPath(Path):
 
 
 class VbridgePath(Path):
-    """Extension point for the bridge itself: client -> vbridge-host -> transport -> vbridge-guest -> server.
+    """The bridge itself: client -> vbridge-host -> one transport (unix socket) -> vbridge-guest -> server.
 
-    To be filled in once the agents exist. start() is expected to
-      1. start vbridge-guest with a transport listener in env.tmp (unix socket transport) and, for the
-         server it fronts, nothing else: the server is env.server_unix / env.server_tcp;
-      2. start vbridge-host dialing that transport, with a unix forward (family "unix": a host socket in
-         env.tmp -> the server's socket) or a TCP forward (family "tcp": a free loopback port -> the
-         server's port);
-      3. set self.client_addr and call self._wait_ready().
-    Processes must be started with self._spawn() so they are stopped by PID like every other child.
+    The unix family uses a unix-socket forward (host socket -> the server's socket); the tcp family a static
+    port forward (a free loopback port -> the server's port). Both agents run in this network namespace, so
+    the host agent does not follow the guest's listeners (they are the host's own).
     """
     name = "vbridge"
     binaries = ("vbridge-host", "vbridge-guest")
@@ -455,10 +450,29 @@ class VbridgePath(Path):
     def available(self) -> tuple[bool, str]:
         if any(self._find(b) is None for b in self.binaries):
             return False, "vbridge agents not built"
-        return False, "vbridge path not implemented in the harness yet"
+        return True, ""
 
     def start(self) -> None:
-        raise NotImplementedError("vbridge path: see the class docstring")
+        tmp = self.env.tmp / f"vbridge-{self.family}"
+        tmp.mkdir(exist_ok=True)
+        transport = tmp / "transport.sock"
+        server_unix = self.env.server_unix.removeprefix("unix:")
+        guest = [str(self._find("vbridge-guest")), "--listen", f"unix:{transport}", "--log-level", "warn",
+                 "--allow-unix", server_unix, "--allow-ports"]
+        self._spawn(guest, f"vbridge-guest-{self.family}.log")
+        wait_until(lambda: transport.exists(), 10, "vbridge-guest to listen")
+        host = [str(self._find("vbridge-host")), "--transport", f"unix:{transport}", "--runtime-dir", str(tmp / "rt"),
+                "--no-docker", "--no-follow-ports", "--log-level", "warn"]
+        if self.family == "unix":
+            client = tmp / "client.sock"
+            host += ["--forward-unix", f"{client}={server_unix}"]
+            self.client_addr = f"unix:{client}"
+        else:
+            port = free_tcp_port()
+            host += ["--publish", f"127.0.0.1:{port}:{self.env.server_port()}"]
+            self.client_addr = f"tcp:127.0.0.1:{port}"
+        self._spawn(host, f"vbridge-host-{self.family}.log")
+        self._wait_ready()
 
 
 PATH_TYPES: list[type[Path]] = [DirectPath, Socat2Path, SshLPath, VbridgePath]

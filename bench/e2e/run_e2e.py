@@ -7,7 +7,8 @@ runs each benchmark on each path side by side, and prints a table with the ratio
 
     python3 bench/e2e/run_e2e.py --loadgen build/bench/e2e/vbridge-loadgen [--quick] [--json out.json]
 
---quick finishes in under a minute; the default run takes about three minutes.
+--quick runs one round of short tests in under a minute. The default runs three rounds, each over every
+benchmark and path, in about three minutes and reports each figure's median (the JSON keeps every run).
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path as FsPath
 
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from paths import PATH_TYPES, Env, Path  # noqa: E402
 
@@ -36,11 +39,12 @@ class Profile:
     rtt_count: int        # ping-pongs per rtt test ...
     rtt_seconds: float    # ... or fewer if this time runs out first
     parallel: int         # concurrent connectors in the connection-rate test
+    repeat: int           # rounds over every benchmark and path; the table shows each figure's median
 
 
 PROFILES = {
-    "quick": Profile(seconds=1.0, rtt_count=2000, rtt_seconds=1.0, parallel=4),
-    "default": Profile(seconds=4.0, rtt_count=20000, rtt_seconds=4.0, parallel=4),
+    "quick": Profile(seconds=1.0, rtt_count=2000, rtt_seconds=1.0, parallel=4, repeat=1),
+    "default": Profile(seconds=1.5, rtt_count=10000, rtt_seconds=1.5, parallel=4, repeat=3),
 }
 
 
@@ -132,11 +136,9 @@ class Progress:
             sys.stderr.flush()
 
 
-def fmt(value: float | None, unit: str) -> str:
+def fmt(value: float | None) -> str:
     if value is None:
         return "-"
-    if unit == "us":
-        return f"{value:.1f}" if value < 100 else f"{value:.0f}"
     return f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
 
@@ -155,7 +157,7 @@ def table(family: str, paths: list[Path], report: dict) -> str:
                 continue
             v = entry["metrics"].get(m.key)
             base = direct.get(m.key)
-            cell = fmt(v, m.unit)
+            cell = fmt(v)
             if v is not None and base and p.name != "direct":
                 cell += f" {v / base:5.2f}x"
             row.append(cell)
@@ -209,15 +211,17 @@ def run(args, env: Env, profile: Profile) -> dict:
     paths = [cls(env, fam) for fam in families for cls in PATH_TYPES
              if wanted is None or cls.name in wanted or cls.name == "direct"]
     benches = benchmarks(profile)
-    report: dict = {p.label: {"label": p.label, "name": p.name, "family": p.family, "skip_reason": "", "client_addr": "",
-                              "results": {}, "metrics": {}, "ratio_to_direct": {}} for p in paths}
+    # Per path: raw loadgen output of every run, median per metric, [min, max] per metric, median / direct.
+    report: dict = {p.label: {"label": p.label, "name": p.name, "family": p.family, "skip_reason": "",
+                              "client_addr": "", "results": {}, "metrics": {}, "spread": {}, "ratio_to_direct": {}}
+                    for p in paths}
 
-    progress = Progress(len(paths) + len(paths) * len(benches))
-    progress.show("starting loadgen server")
+    progress = Progress(0)
+    progress.show("starting the loadgen server")
     env.start_server()
     running = []
     for p in paths:
-        progress.step(f"starting {p.label}")
+        progress.show(f"starting {p.label}")
         ok, reason = p.available()
         if ok:
             try:
@@ -227,25 +231,26 @@ def run(args, env: Env, profile: Profile) -> dict:
             except (RuntimeError, OSError, NotImplementedError) as e:
                 reason = f"failed to start: {e}"
                 p.stop()
-        if reason:
-            report[p.label]["skip_reason"] = reason
-            progress.total -= len(benches)
+        report[p.label]["skip_reason"] = reason
 
-    for b in benches:
-        for p in running:
-            progress.step(f"{b.title:22} {p.label}")
-            raw = run_bench(env, p, b)
-            report[p.label]["results"][b.key] = raw
+    # Rounds interleave the paths, so a change in background load hits them all alike.
+    rounds = profile.repeat
+    progress.total = rounds * len(running) * len(benches)
+    for r in range(rounds):
+        for b in benches:
+            for p in running:
+                progress.step(f"round {r + 1}/{rounds}  {b.title:22} {p.label}")
+                report[p.label]["results"].setdefault(b.key, []).append(run_bench(env, p, b))
     progress.finish()
 
     for p in paths:
         entry = report[p.label]
         for m in METRICS:
-            raw = entry["results"].get(m.bench)
-            if raw and "error" not in raw:
-                v = m.value(raw)
-                if v is not None:
-                    entry["metrics"][m.key] = round(v, 3)
+            runs = entry["results"].get(m.bench, [])
+            values = [v for v in (m.value(raw) for raw in runs if "error" not in raw) if v is not None]
+            if values:
+                entry["metrics"][m.key] = round(statistics.median(values), 3)
+                entry["spread"][m.key] = [round(min(values), 3), round(max(values), 3)]
     for p in paths:
         base = report[f"direct/{p.family}"]["metrics"]
         for k, v in report[p.label]["metrics"].items():
@@ -265,6 +270,7 @@ def main() -> int:
     ap.add_argument("--paths", default="", help="comma-separated subset of: "
                     + ", ".join(c.name for c in PATH_TYPES) + " (direct always runs)")
     ap.add_argument("--families", default="unix,tcp", help="unix, tcp or both (default)")
+    ap.add_argument("--repeat", type=int, help="rounds (default: 1 with --quick, 3 otherwise)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, sshd config)")
     args = ap.parse_args()
 
@@ -279,6 +285,8 @@ def main() -> int:
 
     mode = "quick" if args.quick else "default"
     profile = PROFILES[mode]
+    if args.repeat:
+        profile = dataclasses.replace(profile, repeat=max(1, args.repeat))
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
 
@@ -299,11 +307,13 @@ def main() -> int:
     info = machine()
     print(f"vbridge e2e bench ({mode}): {info['cpus']} cpus, Linux {info['kernel']}, "
           f"{info['ssh']}, {info['socat']}")
-    print("ratio = path / direct: higher is better for MB/s and connections/s, lower for rtt (us)\n")
+    print(f"median of {profile.repeat} round(s); ratio = path / direct: higher is better for MB/s and "
+          "connections/s, lower for rtt (us)\n")
     for fam in args.families.split(","):
         print(table(fam, paths, report))
         print()
-    errors = [(label, b, r["error"]) for label, e in report.items() for b, r in e["results"].items() if "error" in r]
+    errors = [(label, b, raw["error"]) for label, e in report.items() for b, runs in e["results"].items()
+              for raw in runs if "error" in raw]
     for label, b, err in errors:
         print(f"error: {label} {b}: {err}")
     elapsed = time.monotonic() - t0

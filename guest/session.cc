@@ -1,0 +1,511 @@
+#include "guest/session.h"
+
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+namespace vbridge::guest {
+
+std::string GuestCounters::to_string() const {
+  return fmt::format(
+      "host_connections={} host_failures={} peers_refused={} streams_opened={} open_denied={} dial_failed={} "
+      "stream_errors={} resets_from_host={} streams_dropped={} bytes_from_guest={} bytes_to_guest={} "
+      "transport_bytes_in={} transport_bytes_out={} transport_writes={} frames_in={} frames_out={}",
+      host_connections, host_failures, peers_refused, streams_opened, open_denied, dial_failed, stream_errors,
+      resets_from_host, streams_dropped, bytes_from_guest, bytes_to_guest, transport_bytes_in, transport_bytes_out,
+      transport_writes, frames_in, frames_out);
+}
+
+// A guest socket serving one stream. Per-direction progress sits in flags beside the phase:
+//   guest → host: reading (a RECV in flight), read_eof (the guest shut its write side; our FIN is queued)
+//   host → guest: out (DATA waiting), writing (a SENDMSG in flight), fin_from_host → shutting → shut_wr
+struct Session::Conn {
+  enum class Phase : uint8_t {
+    kDialing,  // CONNECT in flight; host data waits in `out`
+    kOpen,     // connected; both directions run until each has finished
+    kClosing,  // detached from its stream; the socket closes once nothing is in flight
+  };
+
+  Phase phase = Phase::kDialing;
+  uint32_t slot = 0;
+  StreamId id = 0;
+  bool in_mux = true;  // the mux still has the stream (false after close, reset or refusal)
+  int fd = -1;
+  DialPlan plan;
+  size_t next_address = 0;
+  uint32_t inflight = 0;
+  bool dirty = false;
+
+  bool dialing = false;
+  bool reading = false;
+  bool read_eof = false;
+  Slice read_hold;  // plain mode: the buffer of the read in flight
+
+  WriteQueue out;
+  bool writing = false;
+  bool fin_from_host = false;
+  bool shutting = false;
+  bool shut_wr = false;
+  std::array<iovec, 64> iov{};
+  msghdr msg{};
+};
+
+Session::Session(SessionEnv& env, uint32_t owner, int fd, TransportKind kind, std::string peer)
+    : env_(env), owner_(owner), fd_(fd), kind_(kind), peer_(std::move(peer)), mux_(Role::kGuest, *this, env.mux_config) {}
+
+Session::~Session() {
+  for (auto& c : conns_) {
+    if (c && c->fd >= 0) ::close(c->fd);
+  }
+  if (kind_ == TransportKind::kListener && fd_ >= 0) ::close(fd_);
+}
+
+void Session::start(Slice first) {
+  if (!first.empty()) {
+    env_.counters.transport_bytes_in += first.size();
+    feed(first);
+  }
+}
+
+bool Session::drained() {
+  return mux_.stream_count() == 0 && conns_.size() == free_slots_.size() && !writing_ && !mux_.has_output();
+}
+
+void Session::goaway(const std::string& message) {
+  if (!closing_) mux_.goaway(message);
+}
+
+void Session::close(const std::string& why, log::Level level) {
+  if (closing_) return;
+  closing_ = true;
+  size_t cut = 0;
+  for (auto& c : conns_) {
+    if (!c || c->phase == Conn::Phase::kClosing) continue;
+    ++cut;
+    kill(*c);
+  }
+  env_.counters.streams_dropped += cut;
+  if (cut > 0) {
+    log::at(level, 0, "{}: {}; closing {} guest socket(s)", peer_, why, cut);
+  } else {
+    log::at(level, 0, "{}: {}", peer_, why);
+  }
+  if (reading_) env_.loop.cancel(Tag{Op::kTransportRead, owner_, 0});
+  if (writing_) env_.loop.cancel(Tag{Op::kTransportWrite, owner_, 0});
+  // The host sees the end at once, though the fd itself is closed only when nothing is in flight.
+  if (kind_ == TransportKind::kListener) ::shutdown(fd_, SHUT_RDWR);
+}
+
+void Session::on_completion(const Tag& tag, const io_uring_cqe& cqe) {
+  switch (tag.op) {
+    case Op::kTransportRead: on_transport_read(cqe); return;
+    case Op::kTransportWrite: on_transport_write(cqe.res); return;
+    case Op::kDial:
+    case Op::kConnRead:
+    case Op::kConnWrite:
+    case Op::kConnShutdown: break;
+    default: return;
+  }
+  // A slot is freed only once nothing is in flight on it, so the conn is still there.
+  Conn& c = *conns_.at(tag.slot);
+  --c.inflight;
+  --inflight_;
+  switch (tag.op) {
+    case Op::kDial: on_dial(c, cqe.res); break;
+    case Op::kConnRead: on_conn_read(c, cqe); break;
+    case Op::kConnWrite: on_conn_write(c, cqe.res); break;
+    case Op::kConnShutdown: on_conn_shutdown(c, cqe.res); break;
+    default: break;
+  }
+  mark(c);
+}
+
+void Session::flush() {
+  if (!closing_) {
+    if (!reading_) arm_transport_read();
+    // Moving output may wake starved streams (on_writable), so conns are synced after it.
+    arm_transport_write();
+  }
+  while (!dirty_.empty()) {
+    std::vector<uint32_t> work;
+    work.swap(dirty_);
+    for (const uint32_t slot : work) {
+      Conn* c = conns_[slot].get();
+      if (c == nullptr) continue;
+      c->dirty = false;
+      sync(*c);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Transport
+
+io_uring_sqe* Session::transport_sqe(Op op) {
+  ++inflight_;
+  return env_.loop.sqe(Tag{op, owner_, 0});
+}
+
+void Session::arm_transport_read() {
+  io_uring_sqe* sqe = transport_sqe(Op::kTransportRead);
+  multishot_armed_ = false;
+  if (kind_ == TransportKind::kSerial) {
+    io_uring_prep_read(sqe, fd_, nullptr, 0, static_cast<uint64_t>(-1));
+  } else if (env_.multishot && env_.transport_buffers.uses_ring()) {
+    // One SQE keeps delivering completions until the buffer ring runs dry or the connection ends.
+    io_uring_prep_recv_multishot(sqe, fd_, nullptr, 0, 0);
+    multishot_armed_ = true;
+  } else {
+    io_uring_prep_recv(sqe, fd_, nullptr, 0, 0);
+  }
+  env_.transport_buffers.attach(sqe, 0, read_hold_);
+  reading_ = true;
+}
+
+void Session::arm_transport_write() {
+  if (writing_ || !mux_.has_output()) return;
+  const size_t n = mux_.prepare_output(iov_);
+  if (n == 0) return;
+  io_uring_sqe* sqe = transport_sqe(Op::kTransportWrite);
+  if (kind_ == TransportKind::kSerial) {
+    io_uring_prep_writev(sqe, fd_, iov_.data(), static_cast<unsigned>(n), static_cast<uint64_t>(-1));
+  } else {
+    msg_ = msghdr{};
+    msg_.msg_iov = iov_.data();
+    msg_.msg_iovlen = n;
+    io_uring_prep_sendmsg(sqe, fd_, &msg_, MSG_NOSIGNAL);
+  }
+  writing_ = true;
+  ++env_.counters.transport_writes;
+}
+
+void Session::on_transport_read(const io_uring_cqe& cqe) {
+  if ((cqe.flags & IORING_CQE_F_MORE) == 0) {
+    reading_ = false;
+    --inflight_;
+  }
+  Slice bytes = env_.transport_buffers.complete(cqe, read_hold_);
+  if (closing_) return;
+  if (cqe.res > 0) {
+    env_.counters.transport_bytes_in += bytes.size();
+    feed(bytes);
+    return;
+  }
+  if (cqe.res == 0) {
+    close(kind_ == TransportKind::kSerial ? "host went away (serial port EOF)" : "host closed the connection",
+          log::Level::kInfo);
+    return;
+  }
+  switch (-cqe.res) {
+    case ENOBUFS:  // every ring buffer was in use; flush() re-arms once completions returned some
+    case EINTR:
+    case EAGAIN: return;
+    case EINVAL:
+      if (multishot_armed_) {
+        env_.multishot = false;
+        log::warn("io_uring: kernel refuses multishot RECV (needs Linux 6.0); re-arming single reads");
+        return;
+      }
+      break;
+    default: break;
+  }
+  ++env_.counters.host_failures;
+  close(fmt::format("host connection failed: read: {}", std::strerror(-cqe.res)), log::Level::kWarn);
+}
+
+void Session::on_transport_write(int res) {
+  writing_ = false;
+  --inflight_;
+  if (closing_) return;
+  if (res > 0) {
+    env_.counters.transport_bytes_out += static_cast<uint64_t>(res);
+    mux_.consume_output(static_cast<size_t>(res));
+    return;
+  }
+  if (res == 0 || res == -EAGAIN || res == -EINTR) return;
+  ++env_.counters.host_failures;
+  close(fmt::format("host connection failed: write: {}", std::strerror(-res)), log::Level::kWarn);
+}
+
+void Session::feed(const Slice& bytes) {
+  if (Status st = mux_.feed(bytes); !st) {
+    ++env_.counters.host_failures;
+    close("host connection failed: " + st.error().to_string(), log::Level::kError);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// MuxHandler
+
+void Session::on_ready(const Hello& peer) {
+  log::info("{}: host ready (protocol {}, max frame {}, window {}, max streams {})", peer_, peer.version,
+            peer.max_frame, peer.initial_window, peer.max_streams);
+}
+
+void Session::on_open(StreamId id, const wire::Target& target) {
+  wire::TargetT requested;
+  target.UnPackTo(&requested);
+  auto plan = env_.targets.resolve(requested);
+  if (!plan) {
+    ++env_.counters.open_denied;
+    log::at(log::Level::kWarn, id, "open {} refused: {}", TargetPolicy::describe(requested), plan.error().message);
+    mux_.reject(id, plan.error().errno_value, plan.error().message);
+    return;
+  }
+  log::at(log::Level::kDebug, id, "open {} → {}", TargetPolicy::describe(requested), plan->description);
+  dial(new_conn(id, std::move(*plan)));
+}
+
+void Session::on_data(StreamId id, Slice data) {
+  Conn* c = conn_for(id);
+  if (c == nullptr) {
+    mux_.reset(id, "guest agent has no socket for this stream");
+    return;
+  }
+  c->out.push(std::move(data));
+  mark(*c);
+}
+
+void Session::on_fin(StreamId id) {
+  if (Conn* c = conn_for(id)) {
+    c->fin_from_host = true;
+    mark(*c);
+  }
+}
+
+void Session::on_reset(StreamId id, const Error& error) {
+  ++env_.counters.resets_from_host;
+  log::at(log::Level::kDebug, id, "reset by host: {}", error.message);
+  if (Conn* c = conn_for(id)) {
+    c->in_mux = false;
+    by_stream_.erase(id);
+    kill(*c);
+  }
+}
+
+void Session::on_writable(StreamId id) {
+  if (Conn* c = conn_for(id)) mark(*c);
+}
+
+void Session::on_closed(StreamId id) {
+  log::at(log::Level::kDebug, id, "closed");
+  if (Conn* c = conn_for(id)) {
+    c->in_mux = false;
+    by_stream_.erase(id);
+    mark(*c);
+  }
+}
+
+void Session::on_control(const wire::Control& message) {
+  log::debug("{}: ignoring control message {}", peer_, wire::EnumNameMessage(message.message_type()));
+}
+
+void Session::on_goaway(const std::string& message) { log::info("{}: host is going away: {}", peer_, message); }
+
+// ---------------------------------------------------------------------------------------------------------
+// Guest sockets
+
+Session::Conn* Session::conn_for(StreamId id) {
+  const auto it = by_stream_.find(id);
+  return it == by_stream_.end() ? nullptr : conns_[it->second].get();
+}
+
+Session::Conn& Session::new_conn(StreamId id, DialPlan plan) {
+  uint32_t slot;
+  if (!free_slots_.empty()) {
+    slot = free_slots_.back();
+    free_slots_.pop_back();
+  } else {
+    slot = static_cast<uint32_t>(conns_.size());
+    conns_.emplace_back();
+  }
+  conns_[slot] = std::make_unique<Conn>();
+  Conn& c = *conns_[slot];
+  c.slot = slot;
+  c.id = id;
+  c.plan = std::move(plan);
+  by_stream_[id] = slot;
+  return c;
+}
+
+io_uring_sqe* Session::conn_sqe(Conn& c, Op op) {
+  ++c.inflight;
+  ++inflight_;
+  return env_.loop.sqe(Tag{op, owner_, c.slot});
+}
+
+void Session::dial(Conn& c) {
+  const SocketAddress& address = c.plan.addresses[c.next_address++];
+  c.fd = socket(address.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (c.fd < 0) {
+    dial_failed(c, errno);
+    return;
+  }
+  io_uring_sqe* sqe = conn_sqe(c, Op::kDial);
+  io_uring_prep_connect(sqe, c.fd, address.get(), address.length);
+  c.dialing = true;
+}
+
+void Session::on_dial(Conn& c, int res) {
+  c.dialing = false;
+  if (c.phase == Conn::Phase::kClosing) return;
+  if (res == 0) {
+    c.phase = Conn::Phase::kOpen;
+    ++env_.counters.streams_opened;
+    log::at(log::Level::kDebug, c.id, "connected to {}", c.plan.description);
+    mux_.accept(c.id);
+    return;
+  }
+  const int err = -res;
+  const bool try_next = err == ECONNREFUSED || err == EADDRNOTAVAIL || err == ENETUNREACH || err == EAFNOSUPPORT;
+  if (try_next && c.next_address < c.plan.addresses.size()) {
+    ::close(c.fd);
+    c.fd = -1;
+    dial(c);
+    return;
+  }
+  dial_failed(c, err);
+}
+
+void Session::dial_failed(Conn& c, int err) {
+  ++env_.counters.dial_failed;
+  const std::string message = fmt::format("{}: {}", c.plan.description, std::strerror(err));
+  log::at(log::Level::kWarn, c.id, "open failed: {}", message);
+  if (c.in_mux) {
+    c.in_mux = false;
+    by_stream_.erase(c.id);
+    mux_.reject(c.id, err, message);
+  }
+  kill(c);
+}
+
+void Session::on_conn_read(Conn& c, const io_uring_cqe& cqe) {
+  c.reading = false;
+  Slice bytes = env_.conn_buffers.complete(cqe, c.read_hold);
+  if (c.phase == Conn::Phase::kClosing) return;
+  if (cqe.res > 0) {
+    env_.counters.bytes_from_guest += bytes.size();
+    if (!mux_.send(c.id, std::move(bytes))) fail_conn(c, "stream no longer accepts data");
+    return;
+  }
+  if (cqe.res == 0) {
+    log::at(log::Level::kDebug, c.id, "guest socket shut its write side");
+    c.read_eof = true;
+    mux_.shutdown_write(c.id);
+    return;
+  }
+  const int err = -cqe.res;
+  if (err == ENOBUFS || err == EAGAIN || err == EINTR) return;  // sync() re-arms the read
+  fail_conn(c, fmt::format("{}: read: {}", c.plan.description, std::strerror(err)));
+}
+
+void Session::on_conn_write(Conn& c, int res) {
+  c.writing = false;
+  if (c.phase == Conn::Phase::kClosing) return;
+  if (res > 0) {
+    const auto n = static_cast<size_t>(res);
+    c.out.consume(n);
+    env_.counters.bytes_to_guest += n;
+    mux_.consume(c.id, n);  // the host may send as much again
+    return;
+  }
+  if (res == 0 || res == -EAGAIN || res == -EINTR) return;
+  fail_conn(c, fmt::format("{}: write: {}", c.plan.description, std::strerror(-res)));
+}
+
+void Session::on_conn_shutdown(Conn& c, int res) {
+  c.shutting = false;
+  c.shut_wr = true;
+  // ENOTCONN: the guest side is already gone; there is nobody left to tell.
+  if (res < 0 && res != -ENOTCONN) log::at(log::Level::kDebug, c.id, "shutdown: {}", std::strerror(-res));
+}
+
+void Session::mark(Conn& c) {
+  if (c.dirty) return;
+  c.dirty = true;
+  dirty_.push_back(c.slot);
+}
+
+void Session::sync(Conn& c) {
+  switch (c.phase) {
+    case Conn::Phase::kDialing:
+      return;
+    case Conn::Phase::kOpen:
+      if (!c.reading && !c.read_eof) {
+        if (const size_t capacity = mux_.send_capacity(c.id); capacity > 0) arm_conn_read(c, capacity);
+      }
+      if (!c.writing && !c.out.empty()) arm_conn_write(c);
+      // FIN follows the last byte the host sent.
+      if (c.fin_from_host && !c.shut_wr && !c.shutting && !c.writing && c.out.empty()) arm_conn_shutdown(c);
+      if (!c.in_mux && c.read_eof && c.shut_wr && c.inflight == 0) release(c);
+      return;
+    case Conn::Phase::kClosing:
+      if (c.inflight == 0) release(c);
+      return;
+  }
+}
+
+void Session::arm_conn_read(Conn& c, size_t capacity) {
+  const size_t len = std::min(capacity, env_.conn_buffers.block_size());
+  io_uring_sqe* sqe = conn_sqe(c, Op::kConnRead);
+  io_uring_prep_recv(sqe, c.fd, nullptr, 0, 0);
+  env_.conn_buffers.attach(sqe, len, c.read_hold);
+  c.reading = true;
+}
+
+void Session::arm_conn_write(Conn& c) {
+  const size_t n = c.out.fill(c.iov);
+  c.msg = msghdr{};
+  c.msg.msg_iov = c.iov.data();
+  c.msg.msg_iovlen = n;
+  io_uring_sqe* sqe = conn_sqe(c, Op::kConnWrite);
+  io_uring_prep_sendmsg(sqe, c.fd, &c.msg, MSG_NOSIGNAL);
+  c.writing = true;
+}
+
+void Session::arm_conn_shutdown(Conn& c) {
+  io_uring_sqe* sqe = conn_sqe(c, Op::kConnShutdown);
+  io_uring_prep_shutdown(sqe, c.fd, SHUT_WR);
+  c.shutting = true;
+}
+
+void Session::fail_conn(Conn& c, const std::string& message) {
+  ++env_.counters.stream_errors;
+  log::at(log::Level::kWarn, c.id, "{}", message);
+  if (c.in_mux) {
+    c.in_mux = false;
+    by_stream_.erase(c.id);
+    mux_.reset(c.id, message);
+  }
+  kill(c);
+}
+
+void Session::kill(Conn& c) {
+  if (c.phase == Conn::Phase::kClosing) return;
+  c.phase = Conn::Phase::kClosing;
+  if (c.in_mux) {
+    c.in_mux = false;
+    by_stream_.erase(c.id);
+  }
+  // The socket closes only after these complete: until then the kernel may still use the conn's buffers.
+  const auto cancel = [&](bool pending, Op op) {
+    if (pending) env_.loop.cancel(Tag{op, owner_, c.slot});
+  };
+  cancel(c.dialing, Op::kDial);
+  cancel(c.reading, Op::kConnRead);
+  cancel(c.writing, Op::kConnWrite);
+  cancel(c.shutting, Op::kConnShutdown);
+  mark(c);
+}
+
+void Session::release(Conn& c) {
+  if (c.in_mux) by_stream_.erase(c.id);
+  if (c.fd >= 0) ::close(c.fd);
+  const uint32_t slot = c.slot;
+  conns_[slot].reset();
+  free_slots_.push_back(slot);
+}
+
+}  // namespace vbridge::guest

@@ -1,0 +1,161 @@
+// One host connection: a fresh Mux over the transport, and the guest sockets its streams map to.
+//
+// Buffers, each with one owner at a time:
+//   transport → guest: a transport read lands in a pool buffer (ReadBuffers) and goes to Mux::feed; DATA
+//     payload arrives in on_data as Slices of that buffer, waits in the stream's WriteQueue and is written
+//     to the guest socket from that memory; Mux::consume returns the credit once the write completed.
+//   guest → transport: a guest socket read lands in a pool buffer and the same Slice goes to Mux::send; the
+//     transport write is one gather write (SENDMSG, or WRITEV on a serial port) over Mux::prepare_output's
+//     iovecs, one in flight at a time, followed by Mux::consume_output.
+// A guest socket is read only while Mux::send_capacity > 0, so a slow host stream stops the guest reader
+// instead of growing a queue; on_writable resumes it.
+//
+// Lifetime: the kernel holds pointers into a session's buffers, iovecs and Mux output while operations are in
+// flight, so a session is closed first (every operation cancelled) and destroyed only once finished().
+#pragma once
+
+#include <liburing.h>
+#include <sys/socket.h>
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "guest/read_buffers.h"
+#include "guest/targets.h"
+#include "guest/transport_linux.h"
+#include "guest/uring_loop.h"
+#include "guest/write_queue.h"
+#include "protocol/log.h"
+#include "protocol/mux.h"
+
+namespace vbridge::guest {
+
+// Agent-wide counters; every failure path bumps one. Printed on exit.
+struct GuestCounters {
+  uint64_t host_connections = 0;    // host connections served
+  uint64_t host_failures = 0;       // host connections ended by a protocol or transport error
+  uint64_t peers_refused = 0;       // vsock peers other than the host
+  uint64_t streams_opened = 0;      // OPENs whose guest socket connected
+  uint64_t open_denied = 0;         // OPENs refused by the target policy
+  uint64_t dial_failed = 0;         // OPENs whose guest socket did not connect
+  uint64_t stream_errors = 0;       // guest socket read/write errors; the stream was reset
+  uint64_t resets_from_host = 0;
+  uint64_t streams_dropped = 0;     // streams cut because their host connection ended
+  uint64_t bytes_from_guest = 0;    // read from guest sockets
+  uint64_t bytes_to_guest = 0;      // written to guest sockets
+  uint64_t transport_bytes_in = 0;
+  uint64_t transport_bytes_out = 0;
+  uint64_t transport_writes = 0;
+  uint64_t frames_in = 0;           // summed over finished host connections
+  uint64_t frames_out = 0;
+
+  std::string to_string() const;
+};
+
+// What a session borrows from the agent; everything here outlives every session.
+struct SessionEnv {
+  UringLoop& loop;
+  ReadBuffers& transport_buffers;
+  ReadBuffers& conn_buffers;
+  const TargetPolicy& targets;
+  GuestCounters& counters;
+  MuxConfig mux_config;
+  bool multishot = true;  // cleared for good when the kernel refuses multishot RECV
+};
+
+class Session final : public MuxHandler {
+ public:
+  // `fd` is the host connection; a kListener session owns it, a kSerial session only borrows the port.
+  Session(SessionEnv& env, uint32_t owner, int fd, TransportKind kind, std::string peer);
+  ~Session() override;
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
+
+  uint32_t owner() const { return owner_; }
+  // Starts serving; `first` holds bytes already read from the transport (a serial probe that found the host).
+  void start(Slice first);
+  void on_completion(const Tag& tag, const io_uring_cqe& cqe);
+  // Queues the SQEs for everything that became ready since the last call. Once per loop iteration.
+  void flush();
+  void goaway(const std::string& message);
+  // Ends the host connection: guest sockets are closed and every operation in flight is cancelled.
+  void close(const std::string& why, log::Level level);
+  bool closing() const { return closing_; }
+  // Closed and nothing in flight: the session may be destroyed.
+  bool finished() const { return closing_ && inflight_ == 0; }
+  // No streams and nothing left to send: a draining agent may stop now.
+  bool drained();
+  const Mux& mux() const { return mux_; }
+
+  // MuxHandler
+  void on_ready(const Hello& peer) override;
+  void on_open(StreamId id, const wire::Target& target) override;
+  void on_open_result(StreamId, const Error*) override {}  // the guest opens no streams (yet)
+  void on_data(StreamId id, Slice data) override;
+  void on_fin(StreamId id) override;
+  void on_reset(StreamId id, const Error& error) override;
+  void on_writable(StreamId id) override;
+  void on_closed(StreamId id) override;
+  void on_control(const wire::Control& message) override;
+  void on_goaway(const std::string& message) override;
+  void on_pong(uint64_t) override {}
+
+ private:
+  struct Conn;
+  static constexpr size_t kTransportIov = 256;
+
+  io_uring_sqe* transport_sqe(Op op);
+  void arm_transport_read();
+  void arm_transport_write();
+  void on_transport_read(const io_uring_cqe& cqe);
+  void on_transport_write(int res);
+  void feed(const Slice& bytes);
+
+  Conn* conn_for(StreamId id);
+  Conn& new_conn(StreamId id, DialPlan plan);
+  io_uring_sqe* conn_sqe(Conn& c, Op op);
+  void dial(Conn& c);
+  void on_dial(Conn& c, int res);
+  void dial_failed(Conn& c, int err);
+  void on_conn_read(Conn& c, const io_uring_cqe& cqe);
+  void on_conn_write(Conn& c, int res);
+  void on_conn_shutdown(Conn& c, int res);
+  // The one place that decides what a guest connection does next; every change ends with mark().
+  void sync(Conn& c);
+  void mark(Conn& c);
+  void arm_conn_read(Conn& c, size_t capacity);
+  void arm_conn_write(Conn& c);
+  void arm_conn_shutdown(Conn& c);
+  // Resets the stream towards the host with `message` and closes the guest socket.
+  void fail_conn(Conn& c, const std::string& message);
+  // Detaches from the stream and closes the guest socket once its operations are cancelled.
+  void kill(Conn& c);
+  void release(Conn& c);
+
+  SessionEnv& env_;
+  uint32_t owner_;
+  int fd_;
+  TransportKind kind_;
+  std::string peer_;
+  Mux mux_;
+  bool closing_ = false;
+  uint32_t inflight_ = 0;  // operations submitted and not completed (cancels excluded)
+
+  bool reading_ = false;  // a transport read (multishot or single) is armed
+  bool multishot_armed_ = false;
+  Slice read_hold_;       // plain mode: the buffer of the transport read in flight
+  bool writing_ = false;
+  std::array<iovec, kTransportIov> iov_{};
+  msghdr msg_{};
+
+  std::vector<std::unique_ptr<Conn>> conns_;  // by slot; a slot is reused only when nothing is in flight
+  std::vector<uint32_t> free_slots_;
+  std::unordered_map<StreamId, uint32_t> by_stream_;  // streams the mux still has → slot
+  std::vector<uint32_t> dirty_;                        // slots to sync() in the next flush()
+};
+
+}  // namespace vbridge::guest

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# A "guest" without a VM, for machines where no VM is wanted: dockerd and vbridge-guest in their own network
+# and mount namespaces (run under `unshare --net --mount --propagation private --fork`), so the guest's
+# ports and mounts are invisible to the host until vbridge forwards them.
+#   local_guest.sh STATE_DIR VBRIDGE_GUEST_BINARY
+set -euo pipefail
+state="$1"
+guest_bin="$2"
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+
+ip link set lo up
+mkdir -p "$state/ctd" "$state/docker"
+cat > "$state/ctd/config.toml" <<TOML
+version = 2
+root = "$state/ctd/root"
+state = "$state/ctd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$state/ctd/containerd.sock"
+[ttrpc]
+  address = "$state/ctd/containerd.sock.ttrpc"
+[plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "$state/ctd/opt"
+TOML
+echo '{}' > "$state/docker/daemon.json"
+
+children=()
+stop() {
+  for pid in "${children[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  wait || true
+}
+trap stop TERM INT EXIT
+
+containerd --config "$state/ctd/config.toml" > "$state/containerd.log" 2>&1 &
+children+=($!)
+for _ in $(seq 200); do [ -S "$state/ctd/containerd.sock" ] && break; sleep 0.05; done
+dockerd --iptables=false --ip6tables=false --ip-forward=false --ip-masq=false --bridge=none \
+  --storage-driver=overlay2 -H "unix://$state/docker/docker.sock" --data-root "$state/docker/data" \
+  --exec-root "$state/docker/exec" --pidfile "$state/docker/docker.pid" --config-file "$state/docker/daemon.json" \
+  --containerd "$state/ctd/containerd.sock" --shutdown-timeout 2 > "$state/dockerd.log" 2>&1 &
+children+=($!)
+"$guest_bin" --listen "unix:$state/guest.sock" --docker-socket "$state/docker/docker.sock" > "$state/guest.log" 2>&1 &
+children+=($!)
+wait -n
