@@ -6,6 +6,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <utility>
 
 #include "protocol/log.h"
 
@@ -46,7 +47,8 @@ Result<std::unique_ptr<Agent>> Agent::create(AgentConfig config) {
 Agent::Agent(AgentConfig config, TargetPolicy targets, std::unique_ptr<UringLoop> loop, TransportEndpoint endpoint)
     : config_(std::move(config)),
       targets_(std::move(targets)),
-      pool_(config_.buffer_size, 256),
+      // Free buffers kept for reuse beyond the ones the rings hold; more are returned to the allocator.
+      pool_(config_.buffer_size, 64),
       loop_(std::move(loop)),
       endpoint_(std::move(endpoint)) {}
 
@@ -103,7 +105,6 @@ int Agent::run() {
   log::info("listening on {} ({}; {})", endpoint_.address().to_string(),
             transport_buffers_->uses_ring() ? "reads into provided-buffer rings" : "reads into per-read pool buffers",
             fmt::format("{} KiB buffers", config_.buffer_size / 1024));
-  arm_signal();
   int status = 0;
   while (true) {
     arm_waiting_ops();
@@ -176,6 +177,7 @@ void Agent::on_accept(int res) {
   accepting_ = false;
   if (res < 0) {
     if (res == -ECANCELED || res == -EINTR || res == -ECONNABORTED) return;
+    ++counters_.accept_errors;
     log::warn("accept on {}: {}", endpoint_.address().to_string(), std::strerror(-res));
     arm_retry(kAcceptRetry);
     return;
@@ -201,13 +203,26 @@ void Agent::on_serial_probe(const io_uring_cqe& cqe) {
   Slice bytes = transport_buffers_->complete(cqe, probe_hold_);
   if (stopping_) return;
   if (cqe.res > 0) {
+    last_probe_error_ = 0;
+    probe_saw_eof_ = false;
     start_session(endpoint_.fd(), endpoint_.address().to_string(), std::move(bytes));
     return;
   }
   // EOF: no host on the other end of the port. Look again shortly.
-  if (cqe.res < 0 && cqe.res != -EAGAIN && cqe.res != -EINTR && cqe.res != -ENOBUFS) {
-    log::warn("read {}: {}", endpoint_.address().to_string(), std::strerror(-cqe.res));
+  const bool failed = cqe.res < 0 && cqe.res != -EAGAIN && cqe.res != -EINTR && cqe.res != -ENOBUFS;
+  if (failed) {
+    ++counters_.serial_errors;
+    // The port is polled every 100 ms; say so once per kind of failure, not ten times a second.
+    if (cqe.res != last_probe_error_) {
+      log::warn("read {}: {}; retrying every {} ms", endpoint_.address().to_string(), std::strerror(-cqe.res),
+                kSerialRetry.count());
+    }
   }
+  if (cqe.res == 0 && !probe_saw_eof_) {
+    log::info("no host on {} yet; checking every {} ms", endpoint_.address().to_string(), kSerialRetry.count());
+  }
+  probe_saw_eof_ = cqe.res == 0;
+  last_probe_error_ = failed ? cqe.res : 0;
   arm_retry(kSerialRetry);
 }
 

@@ -32,7 +32,7 @@ struct AgentConfig {
   bool buffer_rings = true;         // false: plain reads into per-read pool buffers
   size_t buffer_size = 256 * 1024;  // one pool buffer; also the largest single read
   unsigned transport_ring_entries = 16;
-  unsigned conn_ring_entries = 64;
+  unsigned conn_ring_entries = 32;
   MuxConfig mux;
   SerialPaths serial_paths;
 };
@@ -98,6 +98,8 @@ class Agent {
   socklen_t peer_len_ = 0;
   bool probing_ = false;  // serial: a read waiting for the host
   Slice probe_hold_;
+  int last_probe_error_ = 0;   // log each kind of probe failure once per streak
+  bool probe_saw_eof_ = false;
   bool retry_pending_ = false;  // a pause before re-arming accept or the serial probe
   __kernel_timespec retry_ts_{};
   int signal_fd_ = -1;

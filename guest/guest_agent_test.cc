@@ -9,7 +9,9 @@
 #include <signal.h>
 #include <spawn.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
+#include <termios.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -242,10 +244,11 @@ void hang_up(Server&, int) {}
 
 class AgentProcess {
  public:
-  AgentProcess(const TempDir& dir, const std::vector<std::string>& flags)
+  // Listens on unix:<dir>/agent.sock unless `listen` names another transport.
+  AgentProcess(const TempDir& dir, const std::vector<std::string>& flags, const std::string& listen = "")
       : socket_path_(dir.file("agent.sock")), log_path_(dir.file("agent.log")) {
-    std::vector<std::string> args = {VBRIDGE_GUEST_BINARY, "--listen", "unix:" + socket_path_, "--log-level",
-                                     "debug"};
+    std::vector<std::string> args = {VBRIDGE_GUEST_BINARY, "--listen",
+                                     listen.empty() ? "unix:" + socket_path_ : listen, "--log-level", "debug"};
     args.insert(args.end(), flags.begin(), flags.end());
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
@@ -341,7 +344,10 @@ struct StreamRecord {
 
 class HostPeer final : public MuxHandler {
  public:
-  explicit HostPeer(int fd) : fd_(fd), mux_(Role::kHost, *this) {}
+  explicit HostPeer(int fd) : fd_(fd), mux_(Role::kHost, *this) {
+    struct stat st {};
+    is_socket_ = fstat(fd, &st) == 0 && S_ISSOCK(st.st_mode);
+  }
   ~HostPeer() override {
     if (fd_ >= 0) close(fd_);
   }
@@ -460,12 +466,12 @@ class HostPeer final : public MuxHandler {
       msghdr msg{};
       msg.msg_iov = iov;
       msg.msg_iovlen = n;
-      const ssize_t w = sendmsg(fd_, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+      const ssize_t w = is_socket_ ? sendmsg(fd_, &msg, MSG_DONTWAIT | MSG_NOSIGNAL) : writev(fd_, iov, int(n));
       if (w > 0) mux_.consume_output(static_cast<size_t>(w));
     }
     if ((p.revents & (POLLIN | POLLHUP | POLLERR)) != 0) {
       Slice buf = pool_.acquire();
-      const ssize_t r = recv(fd_, buf.data(), buf.size(), MSG_DONTWAIT);
+      const ssize_t r = is_socket_ ? recv(fd_, buf.data(), buf.size(), MSG_DONTWAIT) : read(fd_, buf.data(), buf.size());
       if (r > 0) {
         Status st = mux_.feed(buf.sub(0, static_cast<size_t>(r)));
         EXPECT_TRUE(st.ok()) << st.error().to_string();
@@ -478,6 +484,7 @@ class HostPeer final : public MuxHandler {
   }
 
   int fd_;
+  bool is_socket_ = true;  // otherwise a terminal standing in for a serial port
   BufferPool pool_{256 * 1024, 64};
   Mux mux_;
   std::map<StreamId, StreamRecord> streams_;
@@ -532,6 +539,11 @@ class GuestAgent : public ::testing::TestWithParam<Mode> {
   }
 
   void TearDown() override {
+    // VBRIDGE_SHOW_LOGS=1 prints the agent's log of passing tests too.
+    if (agent_ && (HasFailure() || std::getenv("VBRIDGE_SHOW_LOGS") != nullptr)) {
+      agent_->stop();
+      std::printf("---- agent log ----\n%s", agent_->log().c_str());
+    }
     agent_.reset();  // closes every guest socket it held, so the server threads finish
     echo_.reset();
     count_.reset();
@@ -735,7 +747,15 @@ TEST_P(GuestAgent, HostDropMidStreamThenNewHostWorksWithinOneSecond) {
   EXPECT_LT(Clock::now() - dropped_at, milliseconds(1000));
   // The guest socket of the dropped stream was closed: only the new stream's echo ran since.
   EXPECT_TRUE(wait_until([&] { return echo_->active() == 0; }, kDeadline));
-  EXPECT_TRUE(agent_->wait_log("host closed the connection")) << agent_->log();
+  // The agent notices the drop by EOF, a reset read or a failed write, whichever comes first.
+  EXPECT_TRUE(wait_until(
+      [&] {
+        const std::string log = agent_->log();
+        return log.find("host closed the connection") != std::string::npos ||
+               log.find("host connection failed: ") != std::string::npos;
+      },
+      kDeadline))
+      << agent_->log();
   expect_clean_exit();
 }
 
@@ -792,9 +812,44 @@ TEST_P(GuestAgent, DrainTimeoutClosesStreamsThatStayOpen) {
   EXPECT_TRUE(wait_until([&] { return echo_->active() == 0; }, kDeadline));
 }
 
+// A pseudo-terminal in raw mode stands in for a virtio-serial port: the agent opens the terminal side once and
+// holds it; the test plays the host on the other side. With VMIN=0 a read with no data returns 0, as a
+// virtio-serial read does while no host is attached, so the agent's wait-and-re-read path runs first.
+TEST_P(GuestAgent, ServesAHostOverASerialPort) {
+  const int master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+  ASSERT_GE(master, 0);
+  ASSERT_EQ(grantpt(master), 0);
+  ASSERT_EQ(unlockpt(master), 0);
+  const std::string port = ptsname(master);
+  termios tio{};
+  ASSERT_EQ(tcgetattr(master, &tio), 0);
+  cfmakeraw(&tio);
+  tio.c_cc[VMIN] = 0;  // host away: reads return 0
+  tio.c_cc[VTIME] = 0;
+  ASSERT_EQ(tcsetattr(master, TCSANOW, &tio), 0);
+
+  std::vector<std::string> flags = {"--forward", "echo=" + dir_.file("echo.sock"), "--drain-timeout", "0.2"};
+  flags.insert(flags.end(), GetParam().flags.begin(), GetParam().flags.end());
+  agent_.emplace(dir_, flags, "serial:" + port);
+  // The agent finds the port without a host first, and keeps looking.
+  ASSERT_TRUE(agent_->wait_log("no host on serial:" + port)) << agent_->log();
+  tio.c_cc[VMIN] = 1;  // host present: reads wait for data
+  ASSERT_EQ(tcsetattr(master, TCSANOW, &tio), 0);
+
+  HostPeer host(master);
+  expect_echo(host, "over the serial port");
+  ASSERT_TRUE(agent_->wait_log("host connected: serial:" + port)) << agent_->log();
+  const StreamId id = host.open_unix("echo");
+  ASSERT_TRUE(host.pump_until([&] { return host.stream(id).open_ok; })) << agent_->log();
+  kill(agent_->pid(), SIGTERM);
+  ASSERT_TRUE(host.pump_until([&] { return host.goaway().has_value(); })) << agent_->log();
+  ASSERT_TRUE(wait_until([&] { return !agent_->running(); }, kDeadline));
+  EXPECT_EQ(agent_->stop(), 0) << agent_->log();
+}
+
 INSTANTIATE_TEST_SUITE_P(ReadModes, GuestAgent,
                          ::testing::Values(Mode{"BufferRing", {}}, Mode{"PlainBuffers", {"--no-buffer-ring"}}),
-                         [](const ::testing::TestParamInfo<Mode>& info) { return std::string(info.param.name); });
+                         [](const ::testing::TestParamInfo<Mode>& p) { return std::string(p.param.name); });
 
 }  // namespace
 }  // namespace vbridge

@@ -10,12 +10,13 @@ namespace vbridge::guest {
 
 std::string GuestCounters::to_string() const {
   return fmt::format(
-      "host_connections={} host_failures={} peers_refused={} streams_opened={} open_denied={} dial_failed={} "
-      "stream_errors={} resets_from_host={} streams_dropped={} bytes_from_guest={} bytes_to_guest={} "
-      "transport_bytes_in={} transport_bytes_out={} transport_writes={} frames_in={} frames_out={}",
-      host_connections, host_failures, peers_refused, streams_opened, open_denied, dial_failed, stream_errors,
-      resets_from_host, streams_dropped, bytes_from_guest, bytes_to_guest, transport_bytes_in, transport_bytes_out,
-      transport_writes, frames_in, frames_out);
+      "host_connections={} host_failures={} peers_refused={} accept_errors={} serial_errors={} "
+      "streams_opened={} open_denied={} dial_failed={} stream_errors={} resets_from_host={} streams_dropped={} "
+      "bytes_from_guest={} bytes_to_guest={} transport_bytes_in={} transport_bytes_out={} transport_writes={} "
+      "frames_in={} frames_out={}",
+      host_connections, host_failures, peers_refused, accept_errors, serial_errors, streams_opened, open_denied,
+      dial_failed, stream_errors, resets_from_host, streams_dropped, bytes_from_guest, bytes_to_guest,
+      transport_bytes_in, transport_bytes_out, transport_writes, frames_in, frames_out);
 }
 
 // A guest socket serving one stream. Per-direction progress sits in flags beside the phase:
@@ -48,7 +49,7 @@ struct Session::Conn {
   bool fin_from_host = false;
   bool shutting = false;
   bool shut_wr = false;
-  std::array<iovec, 64> iov{};
+  std::array<iovec, 16> iov{};  // one gather write covers this many queued Slices
   msghdr msg{};
 };
 
@@ -129,14 +130,14 @@ void Session::flush() {
     arm_transport_write();
   }
   while (!dirty_.empty()) {
-    std::vector<uint32_t> work;
-    work.swap(dirty_);
-    for (const uint32_t slot : work) {
+    dirty_work_.swap(dirty_);
+    for (const uint32_t slot : dirty_work_) {
       Conn* c = conns_[slot].get();
       if (c == nullptr) continue;
       c->dirty = false;
       sync(*c);
     }
+    dirty_work_.clear();
   }
 }
 

@@ -39,6 +39,8 @@ struct GuestCounters {
   uint64_t host_connections = 0;    // host connections served
   uint64_t host_failures = 0;       // host connections ended by a protocol or transport error
   uint64_t peers_refused = 0;       // vsock peers other than the host
+  uint64_t accept_errors = 0;       // accept on the transport listener failed
+  uint64_t serial_errors = 0;       // reads on the serial port failed (not EOF)
   uint64_t streams_opened = 0;      // OPENs whose guest socket connected
   uint64_t open_denied = 0;         // OPENs refused by the target policy
   uint64_t dial_failed = 0;         // OPENs whose guest socket did not connect
@@ -156,6 +158,7 @@ class Session final : public MuxHandler {
   std::vector<uint32_t> free_slots_;
   std::unordered_map<StreamId, uint32_t> by_stream_;  // streams the mux still has → slot
   std::vector<uint32_t> dirty_;                        // slots to sync() in the next flush()
+  std::vector<uint32_t> dirty_work_;                   // the batch flush() is working through
 };
 
 }  // namespace vbridge::guest

@@ -6,23 +6,7 @@
 
 namespace vbridge {
 
-void Buffer::unref() {
-  assert(refs_ > 0);
-  if (--refs_ == 0) pool_->release(this);
-}
-
-Slice::Slice(Buffer* buffer, uint32_t offset, uint32_t size) : buffer_(buffer), offset_(offset), size_(size) {
-  if (buffer_ != nullptr) buffer_->ref();
-}
-
-Slice::Slice(const Slice& other) : buffer_(other.buffer_), offset_(other.offset_), size_(other.size_) {
-  if (buffer_ != nullptr) buffer_->ref();
-}
-
-Slice::Slice(Slice&& other) noexcept : buffer_(other.buffer_), offset_(other.offset_), size_(other.size_) {
-  other.buffer_ = nullptr;
-  other.offset_ = other.size_ = 0;
-}
+void Buffer::release() { pool_->release(this); }
 
 Slice& Slice::operator=(const Slice& other) {
   if (this != &other) {
@@ -42,19 +26,6 @@ Slice& Slice::operator=(Slice&& other) noexcept {
     other.offset_ = other.size_ = 0;
   }
   return *this;
-}
-
-Slice::~Slice() { reset(); }
-
-void Slice::reset() {
-  if (buffer_ != nullptr) buffer_->unref();
-  buffer_ = nullptr;
-  offset_ = size_ = 0;
-}
-
-Slice Slice::sub(size_t offset, size_t size) const {
-  assert(offset + size <= size_);
-  return Slice(buffer_, offset_ + static_cast<uint32_t>(offset), static_cast<uint32_t>(size));
 }
 
 void Slice::advance(size_t n) {

@@ -3,6 +3,7 @@
 // pool when the last Slice goes away. Single-threaded by design: each event loop owns its pool.
 #pragma once
 
+#include <cassert>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -24,11 +25,15 @@ class Buffer {
   static Buffer* from_data(std::byte* data) { return reinterpret_cast<Buffer*>(data) - 1; }
 
   void ref() { ++refs_; }
-  void unref();
+  void unref() {
+    assert(refs_ > 0);
+    if (--refs_ == 0) release();
+  }
 
  private:
   friend class BufferPool;
   Buffer(BufferPool* pool, uint32_t capacity) : pool_(pool), capacity_(capacity) {}
+  void release();
 
   BufferPool* pool_;
   uint32_t capacity_;
@@ -40,12 +45,17 @@ class Buffer {
 class Slice {
  public:
   Slice() = default;
-  Slice(Buffer* buffer, uint32_t offset, uint32_t size);
-  Slice(const Slice& other);
-  Slice(Slice&& other) noexcept;
+  Slice(Buffer* buffer, uint32_t offset, uint32_t size) : buffer_(buffer), offset_(offset), size_(size) {
+    if (buffer_ != nullptr) buffer_->ref();
+  }
+  Slice(const Slice& other) : Slice(other.buffer_, other.offset_, other.size_) {}
+  Slice(Slice&& other) noexcept : buffer_(other.buffer_), offset_(other.offset_), size_(other.size_) {
+    other.buffer_ = nullptr;
+    other.offset_ = other.size_ = 0;
+  }
   Slice& operator=(const Slice& other);
   Slice& operator=(Slice&& other) noexcept;
-  ~Slice();
+  ~Slice() { reset(); }
 
   std::byte* data() const { return buffer_ == nullptr ? nullptr : buffer_->data() + offset_; }
   size_t size() const { return size_; }
@@ -54,10 +64,17 @@ class Slice {
   Buffer* buffer() const { return buffer_; }
 
   // A Slice of bytes [offset, offset+size) of this one, sharing the same buffer.
-  Slice sub(size_t offset, size_t size) const;
+  Slice sub(size_t offset, size_t size) const {
+    assert(offset + size <= size_);
+    return Slice(buffer_, offset_ + static_cast<uint32_t>(offset), static_cast<uint32_t>(size));
+  }
   // Drops the first n bytes of this Slice.
   void advance(size_t n);
-  void reset();
+  void reset() {
+    if (buffer_ != nullptr) buffer_->unref();
+    buffer_ = nullptr;
+    offset_ = size_ = 0;
+  }
 
  private:
   Buffer* buffer_ = nullptr;

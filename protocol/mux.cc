@@ -23,7 +23,9 @@ struct Mux::Stream {
   bool fin_sent = false;      // our FIN frame is queued for the transport
   bool fin_received = false;  // the peer's FIN arrived
   bool in_ready = false;      // present in ready_
-  bool starved = false;       // send_capacity reached 0; on_writable is owed
+  // What the application was told about capacity; send_capacity() records it, hence mutable.
+  mutable bool starved = false;     // send_capacity reached 0; on_writable is owed
+  mutable bool in_starved = false;  // present in starved_
   uint64_t send_credit;       // bytes the peer still lets us send
   uint64_t recv_window;       // bytes the peer may still send us
   uint64_t recv_unacked = 0;  // consumed bytes not yet returned as credit
@@ -426,7 +428,10 @@ void Mux::schedule() {
     std::vector<StreamId> again;
     again.swap(starved_);
     for (const StreamId id : again) {
-      if (Stream* s = find(id)) update(*s);
+      if (Stream* s = find(id)) {
+        s->in_starved = false;
+        update(*s);
+      }
     }
   }
 }
@@ -487,9 +492,27 @@ bool Mux::send(StreamId id, Slice data) {
 
 size_t Mux::send_capacity(StreamId id) const {
   const Stream* s = find(id);
-  if (s == nullptr || s->phase == StreamPhase::kAccepting || s->fin_queued) return 0;
-  if (s->pending_bytes >= s->send_credit || buffered_ >= config_.max_buffered) return 0;
-  return static_cast<size_t>(std::min(s->send_credit - s->pending_bytes, config_.max_buffered - buffered_));
+  return s == nullptr ? 0 : capacity_of(*s);
+}
+
+size_t Mux::capacity_of(const Stream& s) const {
+  if (s.phase == StreamPhase::kAccepting || s.fin_queued) return 0;
+  if (s.pending_bytes >= s.send_credit || buffered_ >= config_.max_buffered) {
+    note_starved(s);  // the application stops reading now, so it is owed on_writable
+    return 0;
+  }
+  return static_cast<size_t>(std::min(s.send_credit - s.pending_bytes, config_.max_buffered - buffered_));
+}
+
+// Records that `s` ran out of capacity. Credit comes back with a WINDOW_UPDATE, which updates the stream; room
+// under the connection-wide cap comes back when other streams' bytes move on, so a stream waiting for that
+// is listed in starved_ for schedule() to wake.
+void Mux::note_starved(const Stream& s) const {
+  s.starved = true;
+  if (!s.in_starved && s.send_credit > s.pending_bytes) {
+    s.in_starved = true;
+    starved_.push_back(s.id);
+  }
 }
 
 void Mux::consume(StreamId id, size_t n) {
@@ -560,16 +583,16 @@ std::optional<StreamState> Mux::stream_state(StreamId id) const {
 // ---------------------------------------------------------------------------------------------------------
 // Stream table
 
-Mux::Stream* Mux::find(StreamId id) {
-  const auto it = streams_.find(id);
-  if (it == streams_.end() || it->second->phase == StreamPhase::kClosed) return nullptr;
-  return it->second.get();
-}
-
-const Mux::Stream* Mux::find(StreamId id) const {
-  const auto it = streams_.find(id);
-  if (it == streams_.end() || it->second->phase == StreamPhase::kClosed) return nullptr;
-  return it->second.get();
+// Most calls ask for the stream the previous call found (send, then schedule it; a frame header, then its
+// payload, then consume), so the last hit is kept. Stream objects do not move; reap() drops the entry.
+Mux::Stream* Mux::find(StreamId id) const {
+  Stream* s = cached_;
+  if (s == nullptr || s->id != id) {
+    const auto it = streams_.find(id);
+    if (it == streams_.end()) return nullptr;
+    s = cached_ = it->second.get();
+  }
+  return s->phase == StreamPhase::kClosed ? nullptr : s;
 }
 
 Mux::Stream& Mux::create_stream(StreamId id, StreamPhase phase) {
@@ -580,6 +603,7 @@ Mux::Stream& Mux::create_stream(StreamId id, StreamPhase phase) {
   s->send_credit = peer_ ? peer_->initial_window : kCreditBeforeHello;
   s->recv_window = config_.initial_window;
   Stream& ref = *s;
+  if (cached_ != nullptr && cached_->id == id) cached_ = nullptr;
   streams_[id] = std::move(s);
   return ref;
 }
@@ -597,18 +621,14 @@ void Mux::update(Stream& s) {
     queue_frame(FrameType::kFin, s.id, 0);
   }
   // Flow control: tell the application when it may read again.
-  if (!s.fin_queued) {
-    if (send_capacity(s.id) == 0) {
-      if (!s.starved && s.send_credit > s.pending_bytes) starved_.push_back(s.id);
-      s.starved = true;
-    } else if (s.starved) {
-      s.starved = false;
-      const StreamId id = s.id;
-      handler_.on_writable(id);
-      // As after on_fin: `s` may be gone. Start over on what is left.
-      if (Stream* again = find(id)) update(*again);
-      return;
-    }
+  // capacity_of() notes a stream that ran out, so it runs first.
+  if (!s.fin_queued && capacity_of(s) > 0 && s.starved) {
+    s.starved = false;
+    const StreamId id = s.id;
+    handler_.on_writable(id);
+    // As after on_fin: `s` may be gone. Start over on what is left.
+    if (Stream* again = find(id)) update(*again);
+    return;
   }
   if (s.phase == StreamPhase::kOpen && s.fin_sent && s.fin_received) {
     close_stream(s, nullptr);
@@ -634,6 +654,8 @@ void Mux::close_stream(Stream& s, const Error* error) {
 }
 
 void Mux::reap() {
+  if (closed_.empty()) return;
+  cached_ = nullptr;
   for (const StreamId id : closed_) {
     const auto it = streams_.find(id);
     if (it != streams_.end() && it->second->phase == StreamPhase::kClosed) streams_.erase(it);

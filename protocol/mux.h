@@ -156,11 +156,12 @@ class Mux {
   Status handle_control(StreamId id, std::span<const std::byte> payload);
   Status handle_open(StreamId id, const wire::Open* open);
   Status deliver_data(const Slice& piece);
-  Stream* find(StreamId id);
-  const Stream* find(StreamId id) const;
+  Stream* find(StreamId id) const;
   Stream& create_stream(StreamId id, StreamPhase phase);
   // Re-syncs one stream after any change: scheduling, FIN emission, removal.
   void update(Stream& s);
+  size_t capacity_of(const Stream& s) const;
+  void note_starved(const Stream& s) const;
   void close_stream(Stream& s, const Error* error);
   void fail(Error error);
   OutFrame& queue_frame(FrameType type, StreamId id, uint32_t length);
@@ -185,10 +186,11 @@ class Mux {
   std::vector<std::byte> control_buf_;  // non-DATA payload being collected
 
   std::unordered_map<StreamId, std::unique_ptr<Stream>> streams_;
+  mutable Stream* cached_ = nullptr;  // the stream find() returned last (see find)
   std::vector<StreamId> closed_;  // closed streams, erased outside callbacks (see reap)
   uint32_t local_streams_ = 0;    // live streams we opened, against the peer's max_streams
   uint32_t peer_streams_ = 0;     // live streams the peer opened, against our max_streams
-  std::vector<StreamId> starved_;  // streams out of capacity because of max_buffered
+  mutable std::vector<StreamId> starved_;  // streams out of capacity because of max_buffered (note_starved)
   std::deque<StreamId> ready_;  // streams with queued data and credit, in round-robin order
   StreamId next_local_id_;
   StreamId last_peer_id_ = 0;

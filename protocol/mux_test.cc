@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "protocol/mux_test_util.h"
@@ -248,6 +249,43 @@ TEST(Mux, ConnectionWideCapBoundsQueuedBytes) {
   EXPECT_EQ(p.host.send_capacity(b), 0u);
   p.settle();
   EXPECT_GT(p.host.send_capacity(b), 0u);
+}
+
+// A stream that never sent anything finds send_capacity at 0 because another stream filled the
+// connection-wide cap; it used to wait forever for an on_writable that nothing owed it.
+TEST(Mux, StreamBlockedByAnotherStreamsBytesIsWokenWhenTheyDrain) {
+  MuxConfig c;
+  c.max_buffered = 100 * 1024;
+  Pair p(c);
+  const StreamId a = open_stream(p, "/a");
+  const StreamId b = open_stream(p, "/b");
+  ASSERT_TRUE(p.host.send(a, p.pool.acquire().sub(0, 100 * 1024)));
+  ASSERT_EQ(p.host.send_capacity(b), 0u);  // the application stops reading b's socket here
+  p.settle();
+  EXPECT_GT(p.host.send_capacity(b), 0u);
+  EXPECT_GE(std::count(p.host_handler.events.begin(), p.host_handler.events.end(), Event{"writable", b}), 1);
+}
+
+// Credit returned while the connection-wide cap is full: the stream used to be marked as waiting but left
+// out of the list of streams woken when the cap frees up.
+TEST(Mux, CreditReturnedWhileCapIsFullStillWakesTheStream) {
+  MuxConfig c;
+  c.initial_window = 8192;
+  c.max_buffered = 8192;
+  Pair p(c);
+  const StreamId a = open_stream(p, "/a");
+  const StreamId b = open_stream(p, "/b");
+  p.guest_handler.auto_consume = false;
+  ASSERT_TRUE(p.host.send(a, p.pool.acquire().sub(0, 8192)));
+  p.settle();
+  ASSERT_EQ(p.guest_handler.data_of(a).size(), 8192u);
+  ASSERT_TRUE(p.host.send(b, p.pool.acquire().sub(0, 8192)));  // fills the cap again
+  p.guest.consume(a, 8192);
+  testing::pump(p.guest, p.host, p.pool);  // a's credit returns while b's bytes still fill the cap
+  EXPECT_EQ(p.host.send_capacity(a), 0u);
+  p.settle();
+  EXPECT_GT(p.host.send_capacity(a), 0u);
+  EXPECT_GE(std::count(p.host_handler.events.begin(), p.host_handler.events.end(), Event{"writable", a}), 1);
 }
 
 TEST(Mux, GoawayRefusesNewStreamsAndDrainsOld) {

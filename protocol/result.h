@@ -61,7 +61,7 @@ class [[nodiscard]] Result<void> {
   const Error& error() const { return error_; }
 
  private:
-  Error error_{ErrorCode::kProtocol};
+  Error error_{ErrorCode::kProtocol, 0, {}};
   bool ok_ = true;
 };
 

@@ -11,6 +11,8 @@ packages=(
   # real peers used by the integration suites and `vbridge bench`
   docker.io socat curl iperf3 inotify-tools bindfs openssh-server openssh-client python3
   busybox-static iproute2 procps util-linux
+  # the guest VM (tools/vm): QEMU, the root filesystem builder, the guest kernel and its modules
+  qemu-system-x86 debootstrap linux-image-amd64 kmod e2fsprogs
 )
 
 missing=()

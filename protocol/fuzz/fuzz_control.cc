@@ -8,8 +8,9 @@
 //                  builder and sent by a host Mux
 //   split          where the raw frame is cut between two feeds
 //
-// Invariants: no crash or sanitizer report; a raw payload the verifier accepts on stream 0 with a
-// connection-level message reaches on_control once, with the same content; a built message arrives intact.
+// Invariants: no crash or sanitizer report; the mux refuses what the verifier refuses and messages without
+// a body; a verified connection-level message on stream 0 reaches on_control once, with the same content;
+// a built message arrives intact.
 #include <cstring>
 #include <optional>
 #include <string>
@@ -56,10 +57,10 @@ std::vector<std::byte> drain(Mux& from) {
   return out;
 }
 
-Status feed_all(Mux& to, BufferPool& pool, std::span<const std::byte> bytes) {
-  for (size_t pos = 0; pos < bytes.size(); pos += pool.block_size()) {
-    const size_t n = std::min(pool.block_size(), bytes.size() - pos);
-    if (Status st = to.feed(guarded_slice(pool, bytes.subspan(pos, n))); !st) return st;
+Status feed_all(Mux& to, GuardedFeed& feed, std::span<const std::byte> bytes) {
+  for (size_t pos = 0; pos < bytes.size(); pos += GuardedFeed::kMax) {
+    const size_t n = std::min(GuardedFeed::kMax, bytes.size() - pos);
+    if (Status st = to.feed(feed.slice(bytes.subspan(pos, n))); !st) return st;
   }
   return {};
 }
@@ -148,15 +149,15 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const uint8_t mode = in.u8() % 4;
   const uint8_t split = in.u8();
 
-  BufferPool pool(64 * 1024, 8);
+  GuardedFeed feed;  // outlives the muxes
   App host_app, guest_app;
   Mux host(Role::kHost, host_app);
   Mux guest(Role::kGuest, guest_app);
   host_app.mux = &host;
   guest_app.mux = &guest;
   // Handshake both ways.
-  FUZZ_CHECK(feed_all(guest, pool, drain(host)).ok());
-  FUZZ_CHECK(feed_all(host, pool, drain(guest)).ok());
+  FUZZ_CHECK(feed_all(guest, feed, drain(host)).ok());
+  FUZZ_CHECK(feed_all(host, feed, drain(guest)).ok());
 
   if (mode == 3) {
     flatbuffers::FlatBufferBuilder b;
@@ -164,7 +165,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     const uint64_t expect = walk_control(*wire::GetControl(b.GetBufferPointer()));
     const bool goaway = wire::GetControl(b.GetBufferPointer())->message_type() == wire::Message::GoAway;
     host.send_control(b);
-    FUZZ_CHECK(feed_all(guest, pool, drain(host)).ok());
+    FUZZ_CHECK(feed_all(guest, feed, drain(host)).ok());
     if (goaway) {
       FUZZ_CHECK(guest_app.goaways == 1 && guest_app.controls.empty());
     } else {
@@ -179,7 +180,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     t.proto = wire::Proto::Unix;
     t.path = "/run/fuzz.sock";
     id = *host.open(t);
-    FUZZ_CHECK(feed_all(guest, pool, drain(host)).ok());
+    FUZZ_CHECK(feed_all(guest, feed, drain(host)).ok());
   } else if (mode == 2) {
     wire::TargetT t;
     t.proto = wire::Proto::Tcp;
@@ -194,8 +195,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   encode_header(FrameHeader{static_cast<uint32_t>(payload.size()), id, FrameType::kControl, 0}, frame.data());
   if (!payload.empty()) std::memcpy(frame.data() + kFrameHeaderSize, payload.data(), payload.size());
   const size_t cut = std::min<size_t>(split, frame.size());
-  Status st = guest.feed(guarded_slice(pool, std::span(frame).first(cut)));
-  if (st) st = feed_all(guest, pool, std::span(frame).subspan(cut));
+  Status st = guest.feed(feed.slice(std::span(frame).first(cut)));
+  if (st) st = feed_all(guest, feed, std::span(frame).subspan(cut));
 
   // The verifier decides what the mux accepts; check the mux agreed.
   std::unique_ptr<uint8_t[]> copy(new uint8_t[payload.size() + 1]);
@@ -208,6 +209,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   const wire::Control* control = wire::GetControl(copy.get());
   const wire::Message type = control->message_type();
+  if (control->message() == nullptr) {
+    FUZZ_CHECK(!st.ok());  // a union type without its table is refused
+    return 0;
+  }
   if (id == 0 && connection_level(type)) {
     FUZZ_CHECK(st.ok());
     if (type == wire::Message::GoAway) {

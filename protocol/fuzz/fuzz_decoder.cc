@@ -214,7 +214,7 @@ class App final : public MuxHandler {
     const size_t cap = mux->send_capacity(id);
     if (cap == 0) return;
     const size_t n = std::min<size_t>({cap, 1 + rng_.below(8192), pool_.block_size()});
-    Slice s = acquire_clean(pool_).sub(0, n);
+    Slice s = pool_.acquire().sub(0, n);
     std::memset(s.data(), 'g', n);
     FUZZ_CHECK(mux->send(id, std::move(s)));
   }
@@ -273,6 +273,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   wire.insert(wire.end(), rest.begin(), rest.end());
 
   BufferPool pool(64 * 1024, 8);  // outlives the mux and the application's Slices
+  GuardedFeed feed;
   App app(rng, pool, config);
   Mux mux(Role::kGuest, app, config);
   app.mux = &mux;
@@ -286,14 +287,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     } else if (split > 1) {
       chunk = 1 + rng.below(size_t{1} << (split % 17));
     }
-    chunk = std::min({chunk, wire.size() - pos, pool.block_size()});
-    const Status st = mux.feed(guarded_slice(pool, std::span(wire).subspan(pos, chunk)));
+    chunk = std::min({chunk, wire.size() - pos, GuardedFeed::kMax});
+    const Status st = mux.feed(feed.slice(std::span(wire).subspan(pos, chunk)));
     pos += chunk;
     if (!st) {
       failed = true;
       FUZZ_CHECK(mux.failure().has_value());
       const std::byte more[1] = {std::byte{0}};
-      FUZZ_CHECK(!mux.feed(guarded_slice(pool, more)).ok());  // it stays failed
+      FUZZ_CHECK(!mux.feed(feed.slice(more)).ok());  // it stays failed
       break;
     }
     FUZZ_CHECK(!mux.failure().has_value());

@@ -14,15 +14,11 @@ std::span<const std::byte> ByteReader::bytes(size_t n) {
   return {p, n};
 }
 
-Slice acquire_clean(BufferPool& pool) {
-  Slice s = pool.acquire();
-  ASAN_UNPOISON_MEMORY_REGION(s.data(), s.size());
-  return s;
-}
-
-Slice guarded_slice(BufferPool& pool, std::span<const std::byte> bytes) {
-  FUZZ_CHECK(bytes.size() <= pool.block_size());
-  Slice whole = acquire_clean(pool);
+Slice GuardedFeed::slice(std::span<const std::byte> bytes) {
+  FUZZ_CHECK(bytes.size() <= kMax);
+  BufferPool& pool = bytes.size() <= small_.block_size() ? small_ : bytes.size() <= medium_.block_size() ? medium_ : large_;
+  Slice whole = pool.acquire();
+  ASAN_UNPOISON_MEMORY_REGION(whole.data(), whole.size());  // a reused buffer is still poisoned
   const size_t head = whole.size() - bytes.size();
   if (!bytes.empty()) std::memcpy(whole.data() + head, bytes.data(), bytes.size());
   ASAN_POISON_MEMORY_REGION(whole.data(), head);

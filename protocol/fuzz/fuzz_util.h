@@ -65,11 +65,20 @@ class Rng {
   uint64_t state_;
 };
 
-// A pool buffer, with every byte addressable again (guarded_slice poisons the part before its bytes).
-Slice acquire_clean(BufferPool& pool);
-// Copies `bytes` to the end of a fresh pool buffer and poisons the bytes before them, so a read outside the
-// returned Slice lands in poisoned memory or in the heap redzone. bytes.size() <= pool.block_size().
-Slice guarded_slice(BufferPool& pool, std::span<const std::byte> bytes);
+// Slices for Mux::feed: the bytes sit at the end of a pool buffer and the bytes before them are poisoned, so
+// a read outside the Slice lands in poisoned memory or in the heap redzone. Buffers come from the smallest
+// of three pools that fits, which keeps the cost of poisoning proportional to the bytes fed.
+class GuardedFeed {
+ public:
+  static constexpr size_t kMax = 256 * 1024;
+  // bytes.size() <= kMax.
+  Slice slice(std::span<const std::byte> bytes);
+
+ private:
+  BufferPool small_{4 * 1024, 64};
+  BufferPool medium_{64 * 1024, 16};
+  BufferPool large_{kMax, 8};
+};
 
 // Reads every field of a CONTROL message the way an agent would; returns a digest so nothing is optimised
 // away. The message must have passed the FlatBuffers verifier.

@@ -81,7 +81,9 @@ def cache_root() -> Path:
 def runtime_root() -> Path:
     """Where instances keep sockets, pidfiles and logs. Short paths: unix socket paths are limited to 107 bytes.
 
-    $VBRIDGE_RUNTIME_DIR, else $XDG_RUNTIME_DIR/vbridge, else /run/vbridge (root), else /tmp/vbridge-<uid>.
+    $VBRIDGE_RUNTIME_DIR, else $XDG_RUNTIME_DIR/vbridge, else /run/vbridge (root), else
+    /tmp/vbridge-<uid>/vbridge: the same folders as tools/vbridge's state_dir(), so an instance's VM files and
+    its host agent's sockets share <runtime>/<name>/.
     """
     if os.environ.get("VBRIDGE_RUNTIME_DIR"):
         return Path(os.environ["VBRIDGE_RUNTIME_DIR"])
@@ -90,7 +92,7 @@ def runtime_root() -> Path:
         return Path(xdg) / "vbridge"
     if os.geteuid() == 0 and os.path.isdir("/run") and os.access("/run", os.W_OK):
         return Path("/run/vbridge")
-    return Path(f"/tmp/vbridge-{os.geteuid()}")
+    return Path(f"/tmp/vbridge-{os.geteuid()}") / "vbridge"
 
 
 def existing_ancestor(path: Path) -> Path:

@@ -27,6 +27,7 @@ fail() {
 root=/dev/vda
 probe=0
 init=/sbin/vbridge-init
+# shellcheck disable=SC2013 # the command line is one line of words
 for word in $(cat /proc/cmdline); do
   case "$word" in
     root=*) root="${word#root=}" ;;

@@ -19,7 +19,8 @@
 #   vbridge.storage=overlay2                        dockerd --storage-driver (overlay2 or vfs)
 #   vbridge.dockerd=off                             do not start dockerd
 #   vbridge.docker_timeout=180                      seconds to wait for dockerd to answer
-#   vbridge.preload=busybox|none                    import /usr/local/share/vbridge/busybox.tar as vbridge/busybox
+#   vbridge.preload=busybox                         import /usr/local/share/vbridge/busybox.tar as image
+#                                                   vbridge/busybox before READY (about 12 s under TCG; default none)
 #   vbridge.debug=1                                 set -x
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 HOME=/root
@@ -63,7 +64,8 @@ agent_args=""
 storage=overlay2
 dockerd_mode=on
 docker_timeout=180
-preload=busybox
+preload=none
+# shellcheck disable=SC2013 # the command line is one line of words
 for word in $(cat /proc/cmdline); do
   case "$word" in
     vbridge.share=*) shares="${word#vbridge.share=}" ;;
@@ -82,14 +84,21 @@ say "root filesystem up (kernel $(uname -r))"
 echo vbridge >/proc/sys/kernel/hostname
 ip link set lo up 2>/dev/null || say "warning: could not bring up lo"
 ulimit -n 1048576 2>/dev/null || ulimit -n 65536 2>/dev/null
+# File watchers in containers (webpack, nodemon, cargo-watch) need many inotify watches and instances.
+echo 1048576 >/proc/sys/fs/inotify/max_user_watches
+echo 8192 >/proc/sys/fs/inotify/max_user_instances
 
 # --- modules ---------------------------------------------------------------------------------------------------
 # overlay: overlay2 storage; bridge/br_netfilter/veth/nf_tables: dockerd with its default networking (kept for
 # users who turn it on); 9p: shares; virtio_console: the agent's port; vsock: the vsock transport; button/evdev:
 # the ACPI power button.
-for module in overlay bridge br_netfilter veth nf_tables 9pnet_virtio 9p virtio_console \
-  vmw_vsock_virtio_transport vsock_loopback button evdev fuse tun loop; do
-  modprobe -q "$module" 2>/dev/null || say "note: module $module not loaded"
+modules="overlay bridge br_netfilter veth nf_tables 9pnet_virtio 9p virtio_console vmw_vsock_virtio_transport \
+vsock_loopback button evdev fuse tun loop"
+# One modprobe for all (each process start is slow under TCG); then report what is missing.
+# shellcheck disable=SC2086 # a word list
+modprobe -a -q $modules 2>/dev/null
+for module in $modules; do
+  [ -d "/sys/module/$module" ] || say "note: module $module not loaded"
 done
 
 # --- virtio-serial ports by name (no udev: make the /dev/virtio-ports/<name> links ourselves) -------------------
@@ -108,6 +117,7 @@ while [ "$i" -lt 30 ]; do
   i=$((i + 1))
   sleep 0.1
 done
+# shellcheck disable=SC2012 # port names are plain words
 ports="$(ls /dev/virtio-ports 2>/dev/null | tr '\n' ' ')"
 say "virtio-serial ports: ${ports:-none}"
 
@@ -166,7 +176,7 @@ shutdown() {
   sleep 0.5
   kill -KILL -1 2>/dev/null
   sync
-  for m in $(awk '$3 == "9p" { print $2 }' /proc/mounts); do umount "$m" 2>/dev/null; done
+  awk '$3 == "9p" { print $2 }' /proc/mounts | while read -r m; do umount "$m" 2>/dev/null; done
   mount -o remount,ro / 2>/dev/null
   sync
   echo VBRIDGE_POWEROFF
@@ -204,7 +214,6 @@ if [ "$dockerd_mode" != off ]; then
     tail -n 20 /var/log/dockerd.log
   else
     say "dockerd answers (version $docker_version)"
-    docker version 2>&1 | sed 's/^/vbridge-init:   /'
     if [ "$preload" = busybox ] && [ -f /usr/local/share/vbridge/busybox.tar ]; then
       if docker image inspect vbridge/busybox >/dev/null 2>&1 ||
         docker import /usr/local/share/vbridge/busybox.tar vbridge/busybox >/dev/null 2>&1; then
@@ -236,6 +245,9 @@ if [ "$agent_mode" != off ]; then
 fi
 
 echo "VBRIDGE_READY dockerd=$docker_version agent=$agent_state uptime=$(uptime_s)"
+if [ "$docker_version" != off ] && [ "$docker_version" != failed ]; then
+  docker version 2>&1 | sed 's/^/vbridge-init:   /'
+fi
 
 # --- supervise -------------------------------------------------------------------------------------------------
 # `wait` on a background sleep lets trapped signals in at once and reaps orphans (containerd shims and the like).
@@ -248,8 +260,9 @@ while :; do
     wait "$agent_pid" 2>/dev/null
     rc=$?
     restarts=$((restarts + 1))
-    say "agent exited (status $rc); restart $restarts"
-    sleep 1
+    pause=$((restarts < 10 ? restarts : 10))
+    say "agent exited (status $rc); restart $restarts in $pause s"
+    sleep "$pause"
     start_agent
   fi
 done

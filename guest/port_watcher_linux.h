@@ -1,0 +1,72 @@
+// Finds the guest's listening TCP sockets and bound, unconnected UDP sockets (IPv4 and IPv6) with
+// NETLINK_SOCK_DIAG dumps, filtered by socket state in the kernel, and turns successive scans into PORTS
+// diffs. One scan of a quiet guest costs a few tens of microseconds, so polling every 20 ms keeps a new
+// listener's delay on the host far below 50 ms at well under 0.5% of a core (see bench/RESULTS.md).
+#pragma once
+
+#include <cstdint>
+#include <set>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "protocol/control_generated.h"
+#include "protocol/result.h"
+
+namespace vbridge::guest {
+
+struct PortEntry {
+  wire::Proto proto;
+  wire::Family family;
+  std::string address;  // numeric, e.g. "0.0.0.0", "::", "127.0.0.1"
+  uint16_t port;
+  auto key() const { return std::tie(proto, family, address, port); }
+  bool operator<(const PortEntry& o) const { return key() < o.key(); }
+  bool operator==(const PortEntry& o) const { return key() == o.key(); }
+};
+
+struct PortDiff {
+  std::vector<PortEntry> added, removed;
+  bool full = false;  // a snapshot: `added` is everything, `removed` is empty
+  bool empty() const { return !full && added.empty() && removed.empty(); }
+};
+
+// A NETLINK_SOCK_DIAG socket, kept open across scans.
+class NetlinkSocket {
+ public:
+  NetlinkSocket();
+  ~NetlinkSocket();
+  NetlinkSocket(const NetlinkSocket&) = delete;
+  NetlinkSocket& operator=(const NetlinkSocket&) = delete;
+  int fd() const { return fd_; }
+
+ private:
+  int fd_;
+};
+
+// One dump of every listening TCP and bound unconnected UDP socket in this network namespace.
+Result<std::set<PortEntry>> scan_listeners(const NetlinkSocket& netlink);
+
+class PortWatcher {
+ public:
+  // `excluded_ports`: the agent's own listeners (e.g. its TCP transport), never announced.
+  explicit PortWatcher(std::set<uint16_t> excluded_ports = {}) : excluded_(std::move(excluded_ports)) {}
+  // Scans and returns what changed since the previous scan (a full snapshot after reset()).
+  Result<PortDiff> poll();
+  // The next poll returns a full snapshot (after a host reconnects).
+  void reset() { need_full_ = true; }
+  const std::set<PortEntry>& current() const { return current_; }
+  uint64_t scans() const { return scans_; }
+
+ private:
+  NetlinkSocket netlink_;
+  std::set<uint16_t> excluded_;
+  std::set<PortEntry> current_;
+  bool need_full_ = true;
+  uint64_t scans_ = 0;
+};
+
+// The PORTS control message for a diff.
+void build_ports_message(const PortDiff& diff, flatbuffers::FlatBufferBuilder& out);
+
+}  // namespace vbridge::guest

@@ -1,0 +1,115 @@
+#include "guest/port_watcher_linux.h"
+
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+
+namespace vbridge::guest {
+namespace {
+
+// A socket bound to an ephemeral loopback port; listening for TCP.
+struct BoundSocket {
+  int fd = -1;
+  uint16_t port = 0;
+  BoundSocket(int family, int type) {
+    fd = ::socket(family, type, 0);
+    sockaddr_storage ss{};
+    socklen_t len;
+    if (family == AF_INET6) {
+      auto* sa = reinterpret_cast<sockaddr_in6*>(&ss);
+      sa->sin6_family = AF_INET6;
+      sa->sin6_addr = in6addr_loopback;
+      len = sizeof *sa;
+    } else {
+      auto* sa = reinterpret_cast<sockaddr_in*>(&ss);
+      sa->sin_family = AF_INET;
+      sa->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      len = sizeof *sa;
+    }
+    EXPECT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&ss), len), 0);
+    if (type == SOCK_STREAM) EXPECT_EQ(::listen(fd, 8), 0);
+    ::getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len);
+    port = ntohs(family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port
+                                    : reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
+  }
+  ~BoundSocket() { close(); }
+  void close() {
+    if (fd >= 0) ::close(fd);
+    fd = -1;
+  }
+};
+
+bool contains(const std::vector<PortEntry>& v, wire::Proto proto, wire::Family family, uint16_t port) {
+  return std::any_of(v.begin(), v.end(), [&](const PortEntry& e) {
+    return e.proto == proto && e.family == family && e.port == port;
+  });
+}
+
+TEST(PortWatcher, SeesTcpAndUdpListenersOfBothFamiliesAndTheirRemoval) {
+  PortWatcher watcher;
+  ASSERT_TRUE(watcher.poll().ok());  // snapshot of whatever already listens
+  BoundSocket tcp4(AF_INET, SOCK_STREAM), tcp6(AF_INET6, SOCK_STREAM), udp4(AF_INET, SOCK_DGRAM),
+      udp6(AF_INET6, SOCK_DGRAM);
+  auto diff = watcher.poll();
+  ASSERT_TRUE(diff.ok()) << diff.error().to_string();
+  EXPECT_FALSE(diff->full);
+  EXPECT_TRUE(contains(diff->added, wire::Proto::Tcp, wire::Family::Inet4, tcp4.port));
+  EXPECT_TRUE(contains(diff->added, wire::Proto::Tcp, wire::Family::Inet6, tcp6.port));
+  EXPECT_TRUE(contains(diff->added, wire::Proto::Udp, wire::Family::Inet4, udp4.port));
+  EXPECT_TRUE(contains(diff->added, wire::Proto::Udp, wire::Family::Inet6, udp6.port));
+  tcp4.close();
+  udp6.close();
+  diff = watcher.poll();
+  ASSERT_TRUE(diff.ok());
+  EXPECT_TRUE(contains(diff->removed, wire::Proto::Tcp, wire::Family::Inet4, tcp4.port));
+  EXPECT_TRUE(contains(diff->removed, wire::Proto::Udp, wire::Family::Inet6, udp6.port));
+  EXPECT_FALSE(contains(diff->removed, wire::Proto::Tcp, wire::Family::Inet6, tcp6.port));
+}
+
+TEST(PortWatcher, ConnectedSocketsAreNotListeners) {
+  BoundSocket server(AF_INET, SOCK_STREAM);
+  PortWatcher watcher;
+  ASSERT_TRUE(watcher.poll().ok());
+  int client = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in sa{};
+  sa.sin_family = AF_INET;
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  sa.sin_port = htons(server.port);
+  ASSERT_EQ(::connect(client, reinterpret_cast<sockaddr*>(&sa), sizeof sa), 0);
+  auto diff = watcher.poll();
+  ASSERT_TRUE(diff.ok());
+  EXPECT_TRUE(diff->added.empty());
+  ::close(client);
+}
+
+TEST(PortWatcher, ResetGivesAFullSnapshotAndExcludedPortsStayHidden) {
+  BoundSocket mine(AF_INET, SOCK_STREAM);
+  BoundSocket other(AF_INET, SOCK_STREAM);
+  PortWatcher watcher({mine.port});
+  auto first = watcher.poll();
+  ASSERT_TRUE(first.ok());
+  EXPECT_TRUE(first->full);
+  EXPECT_TRUE(contains(first->added, wire::Proto::Tcp, wire::Family::Inet4, other.port));
+  EXPECT_FALSE(contains(first->added, wire::Proto::Tcp, wire::Family::Inet4, mine.port));
+  ASSERT_TRUE(watcher.poll()->empty());
+  watcher.reset();
+  EXPECT_TRUE(watcher.poll()->full);
+}
+
+TEST(PortWatcher, BuildsAPortsMessage) {
+  PortDiff diff;
+  diff.added.push_back({wire::Proto::Udp, wire::Family::Inet6, "::", 53});
+  flatbuffers::FlatBufferBuilder b;
+  build_ports_message(diff, b);
+  const auto* c = wire::GetControl(b.GetBufferPointer());
+  ASSERT_EQ(c->message_type(), wire::Message::Ports);
+  ASSERT_EQ(c->message_as_Ports()->added()->size(), 1u);
+  EXPECT_EQ(c->message_as_Ports()->added()->Get(0)->port(), 53);
+}
+
+}  // namespace
+}  // namespace vbridge::guest
