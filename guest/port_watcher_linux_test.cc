@@ -31,7 +31,9 @@ struct BoundSocket {
       len = sizeof *sa;
     }
     EXPECT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&ss), len), 0);
-    if (type == SOCK_STREAM) EXPECT_EQ(::listen(fd, 8), 0);
+    if (type == SOCK_STREAM) {
+      EXPECT_EQ(::listen(fd, 8), 0);
+    }
     ::getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len);
     port = ntohs(family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port
                                     : reinterpret_cast<sockaddr_in*>(&ss)->sin_port);

@@ -73,6 +73,7 @@ int main(int argc, char** argv) {
   std::string log_level = "info";
   uint32_t window_kib = 4096;
   int keepalive_ms = 5000;
+  bool serial_chardev = false;
   std::vector<std::string> publish;
   std::vector<std::string> port_maps;
   std::string bind_v4 = "127.0.0.1";
@@ -115,6 +116,9 @@ int main(int argc, char** argv) {
                                                "(default RUNTIME_DIR/status.sock)");
   app.add_option("--window-kib", window_kib, "Per-stream receive window in KiB")->capture_default_str()
       ->check(CLI::Range(64u, 1024u * 1024u));
+  app.add_flag("--serial-chardev", serial_chardev,
+               "The transport is a VMM's virtio-serial chardev socket (QEMU): the byte pipe outlives both agents, "
+               "so skip a restarted guest's stale bytes until its HELLO instead of failing");
   app.add_option("--keepalive-ms", keepalive_ms, "PING period; three missed answers drop the transport")
       ->capture_default_str()->check(CLI::Range(100, 600000));
   app.add_option("--log-level", log_level, "debug, info, warn or error")->capture_default_str();
@@ -148,6 +152,7 @@ int main(int argc, char** argv) {
   config.status_path = status_sock.empty() ? runtime_dir + "/status.sock" : status_sock;
   config.keepalive_ms = keepalive_ms;
   config.mux.initial_window = window_kib * 1024;
+  config.mux.resync = serial_chardev;
   if (!no_docker) {
     if (docker_sock.empty()) docker_sock = runtime_dir + "/docker.sock";
     config.unix_forwards.push_back({docker_sock, docker_target, true});

@@ -1,11 +1,14 @@
 #include "host/session.h"
 
+#include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
 #include "protocol/log.h"
 
 namespace vbridge {
+
+constexpr int kTransportBufferBytes = 4 << 20;
 
 Session::Session(uv_loop_t* loop, UniqueFd transport, BufferPool& pool, SessionObserver& observer,
                  MuxConfig config)
@@ -15,6 +18,10 @@ Session::Session(uv_loop_t* loop, UniqueFd transport, BufferPool& pool, SessionO
       mux_(Role::kHost, *this, config),
       poller_(loop, std::move(transport), [this](int status, int events) { on_poll(status, events); }) {
   poller_.want(true, true);  // our HELLO is queued
+  // A deep transport buffer lets each writev and read move more bytes per wakeup.
+  const int size = kTransportBufferBytes;
+  ::setsockopt(poller_.fd(), SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
+  ::setsockopt(poller_.fd(), SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
 }
 
 Session::~Session() {

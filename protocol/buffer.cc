@@ -16,18 +16,6 @@ Slice& Slice::operator=(const Slice& other) {
   return *this;
 }
 
-Slice& Slice::operator=(Slice&& other) noexcept {
-  if (this != &other) {
-    reset();
-    buffer_ = other.buffer_;
-    offset_ = other.offset_;
-    size_ = other.size_;
-    other.buffer_ = nullptr;
-    other.offset_ = other.size_ = 0;
-  }
-  return *this;
-}
-
 void Slice::advance(size_t n) {
   assert(n <= size_);
   offset_ += static_cast<uint32_t>(n);

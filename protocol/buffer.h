@@ -54,7 +54,17 @@ class Slice {
     other.offset_ = other.size_ = 0;
   }
   Slice& operator=(const Slice& other);
-  Slice& operator=(Slice&& other) noexcept;
+  Slice& operator=(Slice&& other) noexcept {
+    if (this != &other) {
+      reset();
+      buffer_ = other.buffer_;
+      offset_ = other.offset_;
+      size_ = other.size_;
+      other.buffer_ = nullptr;
+      other.offset_ = other.size_ = 0;
+    }
+    return *this;
+  }
   ~Slice() { reset(); }
 
   std::byte* data() const { return buffer_ == nullptr ? nullptr : buffer_->data() + offset_; }

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <array>
 #include <cassert>
 #include <cerrno>
 #include <cstring>
@@ -14,6 +15,7 @@ constexpr size_t kMaxRstMessage = 512;
 constexpr size_t kMaxHelloPayload = 1024;
 constexpr uint64_t kMaxCredit = 1ull << 31;
 constexpr uint32_t kCreditBeforeHello = 1024;  // the smallest window a HELLO may announce
+constexpr size_t kMaxSpareFrames = 256;
 }  // namespace
 
 struct Mux::Stream {
@@ -33,6 +35,14 @@ struct Mux::Stream {
   uint64_t pending_bytes = 0;
 };
 
+// Most calls ask for the stream the previous call found (send, then schedule it; a frame header, then its
+// payload, then consume), so the last hit is kept. Stream objects do not move; reap() drops the entry.
+inline Mux::Stream* Mux::find(StreamId id) const {
+  Stream* s = cached_;
+  if (s == nullptr || s->id != id) s = find_uncached(id);
+  return s == nullptr || s->phase == StreamPhase::kClosed ? nullptr : s;
+}
+
 const char* stream_state_name(StreamState state) {
   switch (state) {
     case StreamState::kOpening: return "opening";
@@ -47,6 +57,7 @@ const char* stream_state_name(StreamState state) {
 
 Mux::Mux(Role role, MuxHandler& handler, MuxConfig config)
     : role_(role), handler_(handler), config_(config), next_local_id_(role == Role::kHost ? 1 : 2) {
+  hunting_ = config_.resync;
   Hello hello;
   hello.features = config_.features;
   hello.max_frame = config_.max_frame;
@@ -64,10 +75,18 @@ Mux::~Mux() = default;
 
 Status Mux::feed(const Slice& bytes) {
   if (failure_) return *failure_;
-  reap();
+  if (!closed_.empty()) reap();
   const std::byte* p = bytes.data();
   const size_t n = bytes.size();
   size_t pos = 0;
+  if (hunting_) {
+    auto resume = hunt_hello(p, n);
+    if (!resume) {
+      fail(resume.error());
+      return *failure_;
+    }
+    pos = *resume;
+  }
   while (pos < n && !failure_) {
     if (!in_payload_) {
       const size_t take = std::min(kFrameHeaderSize - header_have_, n - pos);
@@ -88,10 +107,7 @@ Status Mux::feed(const Slice& bytes) {
     } else {
       const size_t take = std::min(remaining_, n - pos);
       if (current_.type == FrameType::kData) {
-        if (Status st = deliver_data(bytes.sub(pos, take)); !st) {
-          fail(st.error());
-          break;
-        }
+        deliver_data(bytes.sub(pos, take));
       } else {
         control_buf_.insert(control_buf_.end(), p + pos, p + pos + take);
       }
@@ -107,6 +123,52 @@ Status Mux::feed(const Slice& bytes) {
   }
   if (failure_) return *failure_;
   return {};
+}
+
+// The HELLO signature: its fixed header (32-byte payload, stream 0, type HELLO) and the magic.
+static std::array<std::byte, kFrameHeaderSize + 4> hello_signature() {
+  std::array<std::byte, kFrameHeaderSize + 4> sig{};
+  encode_header(FrameHeader{static_cast<uint32_t>(kHelloPayloadSize), 0, FrameType::kHello, 0}, sig.data());
+  store_u32(sig.data() + kFrameHeaderSize, kHelloMagic);
+  return sig;
+}
+
+Result<size_t> Mux::hunt_hello(const std::byte* p, size_t n) {
+  static const auto sig = hello_signature();
+  // Search the previous chunk's tail joined with this chunk's head, then this chunk alone.
+  std::vector<std::byte> joined = hunt_tail_;
+  joined.insert(joined.end(), p, p + std::min(n, sig.size() - 1));
+  size_t end = 0;  // offset in this chunk just past the signature; 0 = not found
+  if (auto it = std::search(joined.begin(), joined.end(), sig.begin(), sig.end()); it != joined.end()) {
+    end = static_cast<size_t>(it - joined.begin()) + sig.size() - hunt_tail_.size();
+  } else if (auto in = std::search(p, p + n, sig.begin(), sig.end()); in != p + n) {
+    end = static_cast<size_t>(in - p) + sig.size();
+  }
+  if (end == 0) {
+    hunt_skipped_ += n;
+    counters_.resync_skipped += n;
+    // Keep the last bytes in case the signature starts here and ends in the next chunk.
+    std::vector<std::byte> all = std::move(hunt_tail_);
+    all.insert(all.end(), p + (n > sig.size() ? n - sig.size() : 0), p + n);
+    hunt_tail_.assign(all.end() - static_cast<ptrdiff_t>(std::min(all.size(), sig.size() - 1)), all.end());
+    if (hunt_skipped_ > config_.max_resync_skip) {
+      return Error{ErrorCode::kProtocol, 0,
+                   fmt::format("no vbridge HELLO in the first {} bytes from the peer", hunt_skipped_)};
+    }
+    return n;
+  }
+  // Found: continue as if the header and the magic had just been parsed.
+  if (end > sig.size()) counters_.resync_skipped += end - sig.size();
+  hunting_ = false;
+  hunt_tail_.clear();
+  std::copy(sig.begin(), sig.begin() + kFrameHeaderSize, header_buf_.begin());
+  current_ = FrameHeader{static_cast<uint32_t>(kHelloPayloadSize), 0, FrameType::kHello, 0};
+  ++counters_.frames_in;
+  in_payload_ = true;
+  header_have_ = 0;
+  control_buf_.assign(sig.begin() + kFrameHeaderSize, sig.end());
+  remaining_ = kHelloPayloadSize - 4;
+  return end;
 }
 
 Status Mux::on_frame_header() {
@@ -171,15 +233,14 @@ Status Mux::on_frame_header() {
   return bad("unknown type");
 }
 
-Status Mux::deliver_data(const Slice& piece) {
+void Mux::deliver_data(Slice piece) {
   Stream* s = find(current_.stream_id);
   if (s == nullptr) {
     counters_.data_for_closed_stream += piece.size();
-    return {};
+    return;
   }
   counters_.bytes_in += piece.size();
-  handler_.on_data(s->id, piece);
-  return {};
+  handler_.on_data(s->id, std::move(piece));
 }
 
 Status Mux::on_frame_payload(std::span<const std::byte> payload) {
@@ -334,11 +395,12 @@ Status Mux::handle_open(StreamId id, const wire::Open* open) {
 // Output
 
 size_t Mux::prepare_output(std::span<iovec> out) {
-  reap();
-  schedule();
+  if (!closed_.empty()) reap();
+  if (!ready_.empty() || !starved_.empty()) schedule();
   size_t n = 0;
   size_t skip = out_consumed_;
-  for (const OutFrame& f : out_) {
+  for (const auto& frame : out_) {
+    const OutFrame& f = *frame;
     if (n + 2 > out.size()) break;
     const auto add = [&](const std::byte* data, size_t len) {
       if (skip >= len) {
@@ -358,21 +420,34 @@ size_t Mux::prepare_output(std::span<iovec> out) {
 
 void Mux::consume_output(size_t n) {
   out_consumed_ += n;
-  while (!out_.empty() && out_consumed_ >= out_.front().size()) {
-    out_consumed_ -= out_.front().size();
-    out_data_bytes_ -= out_.front().payload.size();
+  while (!out_.empty() && out_consumed_ >= out_.front()->size()) {
+    OutFrame& f = *out_.front();
+    out_consumed_ -= f.size();
+    out_data_bytes_ -= f.payload.size();
+    if (spare_frames_.size() < kMaxSpareFrames) {
+      f.payload.reset();
+      f.owned = {};
+      f.small_size = 0;
+      spare_frames_.push_back(std::move(out_.front()));
+    }
     out_.pop_front();
   }
   assert(!out_.empty() || out_consumed_ == 0);
 }
 
 bool Mux::has_output() {
-  schedule();
+  if (!ready_.empty() || !starved_.empty()) schedule();
   return !out_.empty();
 }
 
 Mux::OutFrame& Mux::queue_frame(FrameType type, StreamId id, uint32_t length) {
-  OutFrame& f = out_.emplace_back();
+  if (spare_frames_.empty()) {
+    out_.push_back(std::make_unique<OutFrame>());
+  } else {
+    out_.push_back(std::move(spare_frames_.back()));
+    spare_frames_.pop_back();
+  }
+  OutFrame& f = *out_.back();
   encode_header(FrameHeader{length, id, type, 0}, f.header.data());
   ++counters_.frames_out;
   return f;
@@ -583,16 +658,10 @@ std::optional<StreamState> Mux::stream_state(StreamId id) const {
 // ---------------------------------------------------------------------------------------------------------
 // Stream table
 
-// Most calls ask for the stream the previous call found (send, then schedule it; a frame header, then its
-// payload, then consume), so the last hit is kept. Stream objects do not move; reap() drops the entry.
-Mux::Stream* Mux::find(StreamId id) const {
-  Stream* s = cached_;
-  if (s == nullptr || s->id != id) {
-    const auto it = streams_.find(id);
-    if (it == streams_.end()) return nullptr;
-    s = cached_ = it->second.get();
-  }
-  return s->phase == StreamPhase::kClosed ? nullptr : s;
+Mux::Stream* Mux::find_uncached(StreamId id) const {
+  const auto it = streams_.find(id);
+  if (it == streams_.end()) return nullptr;
+  return cached_ = it->second.get();
 }
 
 Mux::Stream& Mux::create_stream(StreamId id, StreamPhase phase) {
@@ -654,7 +723,6 @@ void Mux::close_stream(Stream& s, const Error* error) {
 }
 
 void Mux::reap() {
-  if (closed_.empty()) return;
   cached_ = nullptr;
   for (const StreamId id : closed_) {
     const auto it = streams_.find(id);

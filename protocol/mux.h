@@ -42,6 +42,10 @@ struct MuxConfig {
   uint32_t output_watermark = 256 * 1024; // DATA bytes queued for the transport before the scheduler pauses
   uint64_t max_buffered = 256ull * 1024 * 1024;  // connection-wide cap on bytes queued for sending
   uint64_t features = 0;
+  // Before the handshake, skip bytes until the peer's HELLO instead of failing on them. For byte pipes that
+  // outlive either end (a virtio-serial port): a restarted peer finds stale frames of the old session first.
+  bool resync = false;
+  uint64_t max_resync_skip = 64ull * 1024 * 1024;
 };
 
 // The lifecycle of one stream. Half-close is tracked by two flags beside it (fin_sent, fin_received).
@@ -61,6 +65,7 @@ struct MuxCounters {
   uint64_t bytes_in = 0, bytes_out = 0;          // payload bytes of DATA frames
   uint64_t streams_opened = 0, streams_accepted = 0, streams_refused = 0, streams_reset = 0;
   uint64_t data_for_closed_stream = 0;           // DATA that raced a local reset; dropped
+  uint64_t resync_skipped = 0;                   // stale bytes skipped before the peer's HELLO
 };
 
 // What the mux tells the application. Callbacks may call back into the Mux.
@@ -152,11 +157,14 @@ class Mux {
   };
 
   Status on_frame_header();
+  // In resync mode: consumes bytes up to the end of the peer's HELLO signature; returns where parsing goes on.
+  Result<size_t> hunt_hello(const std::byte* p, size_t n);
   Status on_frame_payload(std::span<const std::byte> payload);
   Status handle_control(StreamId id, std::span<const std::byte> payload);
   Status handle_open(StreamId id, const wire::Open* open);
-  Status deliver_data(const Slice& piece);
+  void deliver_data(Slice piece);
   Stream* find(StreamId id) const;
+  Stream* find_uncached(StreamId id) const;
   Stream& create_stream(StreamId id, StreamPhase phase);
   // Re-syncs one stream after any change: scheduling, FIN emission, removal.
   void update(Stream& s);
@@ -184,6 +192,9 @@ class Mux {
   size_t remaining_ = 0;
   bool in_payload_ = false;
   std::vector<std::byte> control_buf_;  // non-DATA payload being collected
+  std::vector<std::byte> hunt_tail_;    // resync: the last bytes of the previous chunk, for a split signature
+  bool hunting_ = false;
+  uint64_t hunt_skipped_ = 0;
 
   std::unordered_map<StreamId, std::unique_ptr<Stream>> streams_;
   mutable Stream* cached_ = nullptr;  // the stream find() returned last (see find)
@@ -197,7 +208,10 @@ class Mux {
   bool local_goaway_ = false;
   bool remote_goaway_ = false;
 
-  std::deque<OutFrame> out_;
+  // Frames for the transport, oldest first. A frame does not move while queued (prepare_output hands out
+  // pointers into it); sent frames are kept for reuse, so queueing one does not allocate.
+  std::deque<std::unique_ptr<OutFrame>> out_;
+  std::vector<std::unique_ptr<OutFrame>> spare_frames_;
   size_t out_data_bytes_ = 0;  // DATA payload bytes sitting in out_
   size_t out_consumed_ = 0;    // bytes of out_.front() already written
   uint64_t buffered_ = 0;      // bytes queued on streams, not yet moved to out_

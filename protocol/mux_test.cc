@@ -383,6 +383,40 @@ TEST(Mux, DecoderGivesSameResultForEverySplit) {
   }
 }
 
+// A virtio-serial port outlives both agents: a restarted peer first reads the old session's stale frames.
+TEST(Mux, ResyncSkipsStaleBytesUntilThePeersHelloAtEverySplit) {
+  BufferPool pool(64 * 1024, 16);
+  testing::RecordingHandler sender_handler;
+  Mux sender(Role::kHost, sender_handler);
+  const std::string hello = testing::drain(sender);
+  const std::string stale = std::string("\x05\x00\x00\x00\x07\x00\x00\x00\x01\x00\x00\x00tail!") +
+                            std::string(100, '\0') + hello.substr(0, 10);  // even a torn HELLO
+  const std::string wire = stale + hello;
+  for (size_t split = 0; split <= wire.size(); ++split) {
+    testing::RecordingHandler h;
+    MuxConfig config;
+    config.resync = true;
+    Mux receiver(Role::kGuest, h, config);
+    h.mux = &receiver;
+    ASSERT_TRUE(receiver.feed(testing::to_slice(pool, std::string_view(wire).substr(0, split))).ok());
+    ASSERT_TRUE(receiver.feed(testing::to_slice(pool, std::string_view(wire).substr(split))).ok()) << split;
+    EXPECT_TRUE(receiver.ready()) << "split at " << split;
+    EXPECT_GT(receiver.counters().resync_skipped, 0u);
+  }
+}
+
+TEST(Mux, ResyncGivesUpAfterTheLimit) {
+  BufferPool pool(64 * 1024, 16);
+  testing::RecordingHandler h;
+  MuxConfig config;
+  config.resync = true;
+  config.max_resync_skip = 1000;
+  Mux receiver(Role::kGuest, h, config);
+  auto st = receiver.feed(testing::to_slice(pool, std::string(2000, 'x')));
+  ASSERT_FALSE(st.ok());
+  EXPECT_NE(st.error().message.find("no vbridge HELLO"), std::string::npos);
+}
+
 // ---- malformed input: each class is a connection error with a reason, never a crash ----
 
 struct Malformed {

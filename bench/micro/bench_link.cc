@@ -32,19 +32,20 @@ StreamId Link::open() {
   return *id;
 }
 
-void Link::move(Mux& from, Mux& to) {
+size_t Link::move_once(Mux& from, Mux& to) {
   const Slice& buf = &to == &receiver ? rx : back;
   iovec iov[64];
-  while (size_t n = from.prepare_output(iov)) {
-    size_t used = 0;
-    for (size_t i = 0; i < n && used < buf.size(); ++i) {
-      const size_t take = std::min(iov[i].iov_len, buf.size() - used);
-      std::memcpy(buf.data() + used, iov[i].iov_base, take);
-      used += take;
-    }
-    if (!to.feed(buf.sub(0, used))) std::abort();
-    from.consume_output(used);
+  const size_t n = from.prepare_output(iov);
+  size_t used = 0;
+  for (size_t i = 0; i < n && used < buf.size(); ++i) {
+    const size_t take = std::min(iov[i].iov_len, buf.size() - used);
+    std::memcpy(buf.data() + used, iov[i].iov_base, take);
+    used += take;
   }
+  if (used == 0) return 0;
+  if (!to.feed(buf.sub(0, used))) std::abort();
+  from.consume_output(used);
+  return used;
 }
 
 void Link::settle() {

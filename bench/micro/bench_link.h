@@ -47,9 +47,14 @@ struct Link {
   ~Link();
   // Opens another stream from sender to receiver and settles the exchange.
   StreamId open();
-  // Copies what `from` has to send through its peer's transport buffer into `to`, until `from` has nothing
-  // left.
-  void move(Mux& from, Mux& to);
+  // One transport write and read: copies what one prepare_output() of `from` offers through the peer's
+  // transport buffer into `to`. Returns the bytes moved.
+  size_t move_once(Mux& from, Mux& to);
+  // move_once() until `from` has nothing left.
+  void move(Mux& from, Mux& to) {
+    while (move_once(from, to) > 0) {
+    }
+  }
   void settle();
 };
 

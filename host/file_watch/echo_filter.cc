@@ -68,8 +68,9 @@ bool EchoFilter::is_echo(std::string_view path, const Signature& sig, Clock::tim
     ++counters_.suppressed;
     return true;
   }
-  // Directory and share-wide expectations know no signature: they take metadata-only changes.
-  if (sig.mtime_ns == sig.ctime_ns) return false;
+  // Directory and share-wide expectations know no signature: they take metadata-only changes (and a
+  // directory's own attributes, whose times move with its entries).
+  if (sig.mtime_ns == sig.ctime_ns && !S_ISDIR(sig.mode)) return false;
   auto alive = [&](std::string_view dir) {
     auto t = trees_.find(std::string(dir));
     return t != trees_.end() && t->second > now;

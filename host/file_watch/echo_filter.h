@@ -7,7 +7,8 @@
 // IN_OPEN/IN_CLOSE_WRITE, which the host watcher does not subscribe to.
 //
 // When the host sends a change it records what the guest will touch — the path and its directory — with
-// their stat signature (mode, owner, link count, size, mtime; not ctime, which the xattr moves). An
+// their stat signature (mode, owner, link count, size, mtime; not ctime, which the xattr moves; for a
+// directory mode and owner only, as entries coming and going move the rest). An
 // IN_ATTRIB whose path is expected and whose signature is unchanged is the echo and is dropped; a real
 // chmod/chown/touch changes the signature and goes through. Expectations live `ttl` and are bounded: past
 // `max_paths` they widen to "anything under this directory whose mtime differs from its ctime" (metadata-only
@@ -37,9 +38,12 @@ struct Signature {
   int64_t ctime_ns = 0;  // not compared: the echo moves it
 
   static Signature of(const struct stat& st);
+  // For a directory only its own metadata counts: its mtime, size and link count move with every entry
+  // created or removed in it (which inotify reports as IN_CREATE/IN_DELETE, not IN_ATTRIB).
   bool same_content_and_metadata(const Signature& o) const {
-    return mode == o.mode && uid == o.uid && gid == o.gid && nlink == o.nlink && size == o.size &&
-           mtime_ns == o.mtime_ns;
+    if (mode != o.mode || uid != o.uid || gid != o.gid) return false;
+    if (S_ISDIR(mode)) return true;
+    return nlink == o.nlink && size == o.size && mtime_ns == o.mtime_ns;
   }
 };
 

@@ -107,12 +107,14 @@ void build(flatbuffers::FlatBufferBuilder& b, ByteReader& in) {
         const auto kind = static_cast<wire::FileEventKind>(in.u8() % 5);
         const auto path = maybe_string(b, in);
         const auto old_path = maybe_string(b, in);
-        const bool is_dir = in.u8() & 1;
-        events.push_back(wire::CreateFileEvent(b, kind, path.value_or(0), old_path.value_or(0), is_dir));
+        const uint8_t bits = in.u8();
+        events.push_back(
+            wire::CreateFileEvent(b, kind, path.value_or(0), old_path.value_or(0), bits & 1, (bits & 2) != 0));
       }
       const auto events_v = b.CreateVector(events);
+      const uint64_t seq = in.u32();
       b.Finish(wire::CreateControl(b, wire::Message::FileEvents,
-                                   wire::CreateFileEvents(b, share.value_or(0), events_v).Union()));
+                                   wire::CreateFileEvents(b, share.value_or(0), events_v, seq).Union()));
       return;
     }
     case 2: {

@@ -80,9 +80,10 @@ flatbuffers::FlatBufferBuilder file_events_message() {
   std::vector<flatbuffers::Offset<wire::FileEvent>> events{
       wire::CreateFileEvent(b, wire::FileEventKind::Create, b.CreateString("src/main.cc"), 0, false),
       wire::CreateFileEvent(b, wire::FileEventKind::Rename, b.CreateString("b"), b.CreateString("a"), true),
-      wire::CreateFileEvent(b, wire::FileEventKind::Delete, b.CreateString("tmp"), 0, true)};
+      wire::CreateFileEvent(b, wire::FileEventKind::Delete, b.CreateString("tmp"), 0, true),
+      wire::CreateFileEvent(b, wire::FileEventKind::Modify, b.CreateString(""), 0, true, true)};
   b.Finish(wire::CreateControl(b, wire::Message::FileEvents,
-                               wire::CreateFileEvents(b, b.CreateString("home"), b.CreateVector(events)).Union()));
+                               wire::CreateFileEvents(b, b.CreateString("home"), b.CreateVector(events), 3).Union()));
   return b;
 }
 

@@ -92,6 +92,7 @@ uint64_t walk_control(const wire::Control& control) {
     case wire::Message::FileEvents:
       if (const auto* m = control.message_as_FileEvents()) {
         h = mix(h, m->share());
+        h = mix(h, m->seq());
         if (const auto* events = m->events()) {
           h = mix(h, events->size());
           for (const wire::FileEvent* e : *events) {
@@ -101,6 +102,7 @@ uint64_t walk_control(const wire::Control& control) {
             h = mix(h, e->path());
             h = mix(h, e->old_path());
             h = mix(h, e->is_dir());
+            h = mix(h, e->rescan());
           }
         }
       }

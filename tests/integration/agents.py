@@ -21,7 +21,8 @@ class GuestAgent:
     """vbridge-guest listening on a unix socket (the stand-in for vsock / virtio-serial)."""
 
     def __init__(self, workdir: Workdir, docker_socket: str | None = None, extra: Sequence[str] = (),
-                 name: str = "guest", listen: str | None = None, netns=None) -> None:
+                 name: str = "guest", listen: str | None = None, netns=None, log_level: str = "debug") -> None:
+        self.log_level = log_level
         self.workdir = workdir
         self.listen_path = listen or workdir.join(f"{name}.sock")
         self.docker_socket = docker_socket
@@ -31,7 +32,8 @@ class GuestAgent:
         self.process: Process | None = None
 
     def start(self) -> "GuestAgent":
-        argv = [binary("vbridge-guest"), "--listen", "unix:" + self.listen_path, "--log-level", "debug", *self.extra]
+        argv = [binary("vbridge-guest"), "--listen", "unix:" + self.listen_path, "--log-level", self.log_level,
+                *self.extra]
         if self.docker_socket:
             argv += ["--docker-socket", self.docker_socket]
         if self.netns is not None:
@@ -49,7 +51,9 @@ class GuestAgent:
 class HostAgent:
     """vbridge-host dialling a guest agent, serving docker.sock and a status socket in its runtime dir."""
 
-    def __init__(self, workdir: Workdir, transport: str, extra: Sequence[str] = (), name: str = "host") -> None:
+    def __init__(self, workdir: Workdir, transport: str, extra: Sequence[str] = (), name: str = "host",
+                 log_level: str = "debug") -> None:
+        self.log_level = log_level
         self.runtime_dir = workdir.mkdir(f"{name}-rt")
         self.docker_socket = os.path.join(self.runtime_dir, "docker.sock")
         self.status_socket = os.path.join(self.runtime_dir, "status.sock")
@@ -61,7 +65,7 @@ class HostAgent:
 
     def start(self, wait_connected: bool = True) -> "HostAgent":
         argv = [binary("vbridge-host"), "--transport", self.transport, "--runtime-dir", self.runtime_dir,
-                "--no-docker-context", "--log-level", "debug", *self.extra]
+                "--no-docker-context", "--log-level", self.log_level, *self.extra]
         self.process = Process(self.workdir, self.name, argv)
         wait_for_unix_socket(self.status_socket, timeout=10, process=self.process)
         if wait_connected:

@@ -306,8 +306,9 @@ def build_initramfs(kernel: str, out: Path, warn: Callable[[str], None]) -> int:
 
 # debootstrap's own summary lines (shown as they come) and its per-package lines (shown once per phase).
 DEBOOTSTRAP_SUMMARY = re.compile(
-    r"I: (Retrieving Release|Checking component|Resolving dependencies|Installing core packages|Unpacking required "
-    r"packages|Configuring required packages|Unpacking the base system|Configuring the base system|Base system installed)")
+    r"I: (Retrieving Release|Checking component|Resolving dependencies|Installing core packages"
+    r"|Unpacking required packages|Configuring required packages|Unpacking the base system"
+    r"|Configuring the base system|Base system installed)")
 DEBOOTSTRAP_PER_PACKAGE = {"Retrieving": "downloading packages", "Validating": "downloading packages",
                            "Extracting": "extracting packages"}
 
@@ -485,6 +486,24 @@ def write_agent(disk: Path, agent: Path, log, progress: Progress) -> None:
 # build
 # ---------------------------------------------------------------------------------------------------------------
 
+def unmount_under(path: Path) -> None:
+    """Lazily unmounts whatever an interrupted debootstrap left mounted below `path` (its proc, sys, dev)."""
+    prefix = str(path.resolve()) + "/"
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return
+    points = [l.split()[4].encode().decode("unicode_escape") for l in lines if len(l.split()) > 4]
+    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)
+
+
+def remove_tree(path: Path) -> None:
+    if path.exists():
+        unmount_under(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _clean_stale_tmp(images: Path) -> None:
     for tmp in images.glob(".tmp-*"):
         try:
@@ -492,7 +511,7 @@ def _clean_stale_tmp(images: Path) -> None:
         except (IndexError, ValueError):
             continue
         if not os.path.exists(f"/proc/{pid}"):
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp)
 
 
 def _sparse_copy(src: Path, dst: Path) -> None:
@@ -503,15 +522,26 @@ def allocated(path: Path) -> int:
     return path.stat().st_blocks * 512
 
 
-def build_base(spec: ImageSpec, key: str, inputs: dict, progress: Progress) -> Path:
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Renames the finished `tmp` to `final`; an older `final` (a forced rebuild) is moved aside first."""
+    if final.exists():
+        old = final.with_name(f".tmp-old-{final.name}-{os.getpid()}")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+
+
+def build_base(spec: ImageSpec, key: str, inputs: dict, progress: Progress, force: bool = False) -> Path:
     images = spec.images_dir()
     final = images / f"base-{key}"
-    if (final / "manifest.json").is_file():
+    if (final / "manifest.json").is_file() and not force:
         return final
     check_free_space(images, BASE_BUILD_SPACE, f"building the guest base image base-{key}")
     kernel = inputs["kernel"]
     tmp = images / f".tmp-base-{key}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_tree(tmp)
     tmp.mkdir(parents=True)
     timings: dict[str, float] = {}
     ok = False
@@ -535,7 +565,7 @@ def build_base(spec: ImageSpec, key: str, inputs: dict, progress: Progress) -> P
             timings["mke2fs_s"] = round(time.monotonic() - t, 1)
             progress(f"root disk rootfs.ext4: {human(size)} ({human(allocated(tmp / 'rootfs.ext4'))} used), "
                      f"{timings['mke2fs_s']} s")
-            shutil.rmtree(tmp / "rootfs")
+            remove_tree(tmp / "rootfs")
 
             t = time.monotonic()
             notes: list[str] = []
@@ -554,7 +584,7 @@ def build_base(spec: ImageSpec, key: str, inputs: dict, progress: Progress) -> P
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "rootfs_allocated": allocated(tmp / "rootfs.ext4"),
         })
-        os.rename(tmp, final)
+        replace_dir(tmp, final)
         ok = True
         return final
     except OSError as e:
@@ -564,7 +594,7 @@ def build_base(spec: ImageSpec, key: str, inputs: dict, progress: Progress) -> P
         raise
     finally:
         if not ok:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp)
 
 
 def build_image(spec: ImageSpec, progress: Optional[Progress] = None, force: bool = False) -> Path:
@@ -576,14 +606,11 @@ def build_image(spec: ImageSpec, progress: Optional[Progress] = None, force: boo
     final = images / key
     with file_lock(images / f".lock-{base_key}", f"image base-{base_key}", progress=progress):
         _clean_stale_tmp(images)
-        if force:
-            for d in (final, images / f"base-{base_key}"):
-                shutil.rmtree(d, ignore_errors=True)
-        if (final / "manifest.json").is_file():
+        if (final / "manifest.json").is_file() and not force:
             progress(f"image {key} is cached: {final}")
             os.utime(final)
             return final
-        base = build_base(spec, base_key, inputs, progress)
+        base = build_base(spec, base_key, inputs, progress, force)
         progress(f"base image {base_key} ready; adding the guest agent" if spec.agent
                  else f"base image {base_key} ready; no guest agent given: image boots without it")
 
@@ -618,7 +645,7 @@ def build_image(spec: ImageSpec, progress: Optional[Progress] = None, force: boo
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "agent_layer_s": round(time.monotonic() - t, 1),
             })
-            os.rename(tmp, final)
+            replace_dir(tmp, final)
             ok = True
         except OSError as e:
             if e.errno == 28:
@@ -701,7 +728,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build the image, or reuse the cached one; prints its folder")
     add_spec_args(b)
-    b.add_argument("--force", action="store_true", help="rebuild even if cached")
+    b.add_argument("--force", action="store_true",
+                   help="rebuild even if cached (the cached image is replaced only once the new one is complete)")
     b.add_argument("--json", action="store_true", help="print the manifest as JSON instead of the folder")
     pth = sub.add_parser("path", help="print the cached image's folder (exit 1 if not built)")
     add_spec_args(pth)

@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -43,7 +44,7 @@ from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import image as image_mod  # noqa: E402
-from vmcommon import (MiB, Progress, VmError, check_free_space, file_lock, human, main_wrapper,  # noqa: E402
+from vmcommon import (MiB, Progress, VmError, check_free_space, file_lock, main_wrapper,  # noqa: E402
                       read_json, runtime_root, which_or_error, write_json_atomic)
 
 QEMU = "qemu-system-x86_64"
@@ -217,8 +218,10 @@ def probe_accel(qemu: str, image_dir: Path, progress: Progress, runtime: Optiona
            "-kernel", str(kernel_file(image_dir)), "-initrd", str(image_dir / "initramfs.cpio.gz"),
            "-append", "console=ttyS0 panic=-1 rdinit=/init quiet vbridge.probe=1"]
     started = time.monotonic()
+    # A failing KVM makes QEMU abort(): no core file for that.
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)))
     try:
         out, err = proc.communicate(timeout=PROBE_TIMEOUT)
         took = time.monotonic() - started
@@ -727,12 +730,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(json.dumps(state, indent=2))
             else:
                 word = "ready" if state.get("ready") else ("running" if state["running"] else "stopped")
-                print(f"{args.name}: {word}" + (f" (pid {state.get('pid')}, {state.get('accel')}, "
-                                                f"agent socket {state.get('agent_socket')})" if state["running"] else ""))
+                detail = (f" (pid {state.get('pid')}, {state.get('accel')}, agent socket {state.get('agent_socket')})"
+                          if state["running"] else "")
+                print(f"{args.name}: {word}{detail}")
             return 0 if state["running"] else 3
         if args.cmd == "probe-accel":
             qemu = which_or_error(QEMU, QEMU_PACKAGE, "to boot the vbridge guest")
-            image_dir = Path(args.image) if args.image else image_mod.cached_image(image_mod.ImageSpec())
+            image_dir = Path(args.image) if args.image else None
+            if not image_dir:  # any cached image will do: only its kernel and initramfs are booted
+                images = [m for m in image_mod.list_images(image_mod.ImageSpec().images_dir()) if m["kind"] == "image"]
+                image_dir = Path(max(images, key=lambda m: m["mtime"])["dir"]) if images else None
             if not image_dir:
                 raise VmError("no image to probe with", "build one: image.py build, or pass --image")
             accel, reason = probe_accel(qemu, image_dir, progress,

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -202,7 +203,15 @@ def pick_kernel(requested: Optional[str] = None) -> str:
 
 
 def main_wrapper(fn) -> int:
-    """Runs a CLI entry point: VmError -> 'vbridge vm: error: ...' on stderr and exit status 1."""
+    """Runs a CLI entry point: VmError -> 'vbridge vm: error: ...' on stderr and exit status 1.
+
+    SIGINT and SIGTERM raise KeyboardInterrupt, so an interrupted build or boot cleans up after itself
+    (stops debootstrap or QEMU, removes its temporary folder) even when started in the background."""
+    def interrupt(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupt)
     try:
         return fn() or 0
     except VmError as e:
