@@ -4,6 +4,11 @@
 //
 // Each loop iteration: queue SQEs for whatever became ready (Session::flush), submit them all with one
 // io_uring_submit_and_wait, then handle every completion through one switch (dispatch).
+//
+// Ports: a TIMEOUT every `ports.interval` runs one NETLINK_SOCK_DIAG scan (PortWatcher); a change goes to
+// the host as a PORTS diff, and each host connection starts with a full snapshot once its handshake is done.
+// Reverse unix sockets (--reverse-unix) are listened on here for the agent's whole life; each client gets
+// a guest-opened stream on the current host connection.
 #pragma once
 
 #include <sys/signalfd.h>
@@ -11,9 +16,12 @@
 
 #include <chrono>
 #include <memory>
+#include <set>
 #include <string>
+#include <string_view>
 #include <vector>
 
+#include "guest/port_watcher_linux.h"
 #include "guest/read_buffers.h"
 #include "guest/session.h"
 #include "guest/targets.h"
@@ -25,6 +33,20 @@
 
 namespace vbridge::guest {
 
+struct PortWatchConfig {
+  bool enabled = true;
+  std::chrono::milliseconds interval{20};
+  size_t max_per_message = 2000;  // listeners per PORTS message (~80 bytes each at most)
+};
+
+// --reverse-unix GUEST_PATH=NAME: the agent listens on guest_path; each client becomes a stream to the
+// host's target `name` (which the host agent maps with --expose-unix NAME=HOST_PATH).
+struct ReverseUnix {
+  std::string guest_path;
+  std::string name;
+};
+Result<ReverseUnix> parse_reverse_unix(std::string_view text);
+
 struct AgentConfig {
   Address listen;
   TargetConfig targets;
@@ -35,13 +57,15 @@ struct AgentConfig {
   unsigned conn_ring_entries = 32;
   MuxConfig mux;
   SerialPaths serial_paths;
+  PortWatchConfig ports;
+  std::vector<ReverseUnix> reverse_unix;
 };
 
-class Agent {
+class Agent final : private SessionHooks {
  public:
   // Opens the transport and the ring; blocks SIGTERM/SIGINT for this thread (they arrive via signalfd).
   static Result<std::unique_ptr<Agent>> create(AgentConfig config);
-  ~Agent();
+  ~Agent() override;
   Agent(const Agent&) = delete;
   Agent& operator=(const Agent&) = delete;
 
@@ -51,8 +75,20 @@ class Agent {
   std::string counters_line() const;
 
  private:
+  struct ReverseListener {
+    ReverseUnix config;
+    TransportEndpoint endpoint;
+    bool accepting = false;
+    bool retry_pending = false;  // a pause after a failed accept
+    __kernel_timespec retry_ts{};
+  };
+
   Agent(AgentConfig config, TargetPolicy targets, std::unique_ptr<UringLoop> loop, TransportEndpoint endpoint);
   Status setup();
+
+  // SessionHooks
+  void host_ready(Session& session) override;
+  const std::set<PortEntry>* guest_listeners(bool rescan) override;
 
   void dispatch(const io_uring_cqe& cqe);
   Session* session_for(uint32_t owner);
@@ -64,6 +100,12 @@ class Agent {
   void arm_retry(std::chrono::milliseconds delay);
   void arm_signal();
   void arm_timer(uint32_t which, std::chrono::milliseconds delay);
+  void arm_port_timer();
+  void arm_reverse_accept(uint32_t index);
+
+  // One scan; a change goes to the active host connection.
+  void scan_ports();
+  void on_reverse_accept(uint32_t index, int res);
 
   void on_accept(int res);
   void on_serial_probe(const io_uring_cqe& cqe);
@@ -85,6 +127,8 @@ class Agent {
   TransportEndpoint endpoint_;
   std::unique_ptr<ReadBuffers> transport_buffers_;
   std::unique_ptr<ReadBuffers> conn_buffers_;
+  BufferPool datagram_pool_;
+  ReadArena datagram_arena_;
   GuestCounters counters_;
   std::unique_ptr<SessionEnv> env_;
 
@@ -105,6 +149,14 @@ class Agent {
   int signal_fd_ = -1;
   signalfd_siginfo siginfo_{};
   bool signal_armed_ = false;
+
+  std::unique_ptr<PortWatcher> watcher_;  // null with --no-ports
+  bool port_timer_armed_ = false;
+  __kernel_timespec port_ts_{};
+  std::chrono::steady_clock::time_point last_scan_{};
+  int last_scan_error_ = 0;  // log each kind of scan failure once per streak
+
+  std::vector<ReverseListener> reverse_;
 
   // Shutdown
   bool stopping_ = false;       // a signal arrived: GOAWAY sent, streams draining

@@ -120,4 +120,28 @@ void build_ports_message(const PortDiff& diff, flatbuffers::FlatBufferBuilder& o
   out.Finish(wire::CreateControl(out, wire::Message::Ports, wire::CreatePorts(out, added, removed, diff.full).Union()));
 }
 
+std::vector<PortDiff> split_diff(const PortDiff& diff, size_t max_listeners) {
+  max_listeners = std::max<size_t>(max_listeners, 1);
+  std::vector<PortDiff> parts;
+  if (diff.added.size() + diff.removed.size() <= max_listeners) {
+    parts.push_back(diff);
+    return parts;
+  }
+  PortDiff part;
+  part.full = diff.full;
+  const auto take = [&](const std::vector<PortEntry>& from, std::vector<PortEntry> PortDiff::*into) {
+    for (const PortEntry& e : from) {
+      if (part.added.size() + part.removed.size() == max_listeners) {
+        parts.push_back(std::move(part));
+        part = PortDiff{};
+      }
+      (part.*into).push_back(e);
+    }
+  };
+  take(diff.removed, &PortDiff::removed);
+  take(diff.added, &PortDiff::added);
+  if (!part.added.empty() || !part.removed.empty()) parts.push_back(std::move(part));
+  return parts;
+}
+
 }  // namespace vbridge::guest

@@ -69,4 +69,10 @@ class PortWatcher {
 // The PORTS control message for a diff.
 void build_ports_message(const PortDiff& diff, flatbuffers::FlatBufferBuilder& out);
 
+// Splits a diff into parts of at most `max_listeners` listeners each (removals first), so one PORTS message
+// stays far below the peer's control-message limit (a listener costs at most ~80 bytes encoded). Only the
+// first part of a snapshot is marked `full`; the later parts add to it, and the host keeps what they name
+// (host/port_forwards.h). A diff that fits is returned as is, an empty snapshot as one part.
+std::vector<PortDiff> split_diff(const PortDiff& diff, size_t max_listeners);
+
 }  // namespace vbridge::guest

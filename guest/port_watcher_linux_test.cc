@@ -113,5 +113,44 @@ TEST(PortWatcher, BuildsAPortsMessage) {
   EXPECT_EQ(c->message_as_Ports()->added()->Get(0)->port(), 53);
 }
 
+TEST(PortWatcher, SplitsBigDiffsRemovalsFirstAndMarksOnlyTheFirstSnapshotPartFull) {
+  PortDiff snapshot;
+  snapshot.full = true;
+  for (uint16_t p = 1; p <= 5; ++p) snapshot.added.push_back({wire::Proto::Tcp, wire::Family::Inet4, "0.0.0.0", p});
+  const auto parts = split_diff(snapshot, 2);
+  ASSERT_EQ(parts.size(), 3u);
+  EXPECT_TRUE(parts[0].full);
+  EXPECT_FALSE(parts[1].full);
+  EXPECT_FALSE(parts[2].full);
+  EXPECT_EQ(parts[0].added.size(), 2u);
+  EXPECT_EQ(parts[2].added.size(), 1u);
+  EXPECT_EQ(parts[2].added[0].port, 5);
+
+  PortDiff diff;
+  diff.removed.push_back({wire::Proto::Udp, wire::Family::Inet6, "::", 53});
+  diff.added.push_back({wire::Proto::Tcp, wire::Family::Inet4, "0.0.0.0", 80});
+  diff.added.push_back({wire::Proto::Tcp, wire::Family::Inet4, "0.0.0.0", 81});
+  const auto two = split_diff(diff, 2);
+  ASSERT_EQ(two.size(), 2u);
+  EXPECT_EQ(two[0].removed.size(), 1u);
+  EXPECT_EQ(two[0].added.size(), 1u);
+  EXPECT_EQ(two[1].added.size(), 1u);
+
+  PortDiff empty_snapshot;
+  empty_snapshot.full = true;
+  ASSERT_EQ(split_diff(empty_snapshot, 2000).size(), 1u);
+  EXPECT_TRUE(split_diff(empty_snapshot, 2000)[0].full);
+}
+
+TEST(PortWatcher, TwoThousandListenersFitFarBelowTheControlLimit) {
+  PortDiff diff;
+  for (uint16_t p = 0; p < 2000; ++p) {
+    diff.added.push_back({wire::Proto::Tcp, wire::Family::Inet6, "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fff0", p});
+  }
+  flatbuffers::FlatBufferBuilder b;
+  build_ports_message(diff, b);
+  EXPECT_LT(b.GetSize(), 256u * 1024);
+}
+
 }  // namespace
 }  // namespace vbridge::guest

@@ -1,10 +1,13 @@
 #include "guest/session.h"
 
 #include <fmt/format.h>
+#include <poll.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
+
+#include "protocol/datagram.h"
 
 namespace vbridge::guest {
 
@@ -13,15 +16,20 @@ std::string GuestCounters::to_string() const {
       "host_connections={} host_failures={} peers_refused={} accept_errors={} serial_errors={} "
       "streams_opened={} open_denied={} dial_failed={} stream_errors={} resets_from_host={} streams_dropped={} "
       "bytes_from_guest={} bytes_to_guest={} transport_bytes_in={} transport_bytes_out={} transport_writes={} "
-      "frames_in={} frames_out={}",
+      "frames_in={} frames_out={} datagrams_to_guest={} datagrams_from_guest={} datagrams_dropped={} "
+      "port_scans={} port_scan_errors={} ports_messages={} reverse_opened={} reverse_refused={}",
       host_connections, host_failures, peers_refused, accept_errors, serial_errors, streams_opened, open_denied,
       dial_failed, stream_errors, resets_from_host, streams_dropped, bytes_from_guest, bytes_to_guest,
-      transport_bytes_in, transport_bytes_out, transport_writes, frames_in, frames_out);
+      transport_bytes_in, transport_bytes_out, transport_writes, frames_in, frames_out, datagrams_to_guest,
+      datagrams_from_guest, datagrams_dropped, port_scans, port_scan_errors, ports_messages, reverse_opened,
+      reverse_refused);
 }
 
 // A guest socket serving one stream. Per-direction progress sits in flags beside the phase:
 //   guest → host: reading (a RECV in flight), read_eof (the guest shut its write side; our FIN is queued)
 //   host → guest: out (DATA waiting), writing (a SENDMSG in flight), fin_from_host → shutting → shut_wr
+// A datagram conn (UDP flow) uses `reading` for its readiness poll; host datagrams are sent at once, so
+// `out` stays empty, and a FIN either way ends the flow.
 struct Session::Conn {
   enum class Phase : uint8_t {
     kDialing,  // CONNECT in flight; host data waits in `out`
@@ -30,6 +38,9 @@ struct Session::Conn {
   };
 
   Phase phase = Phase::kDialing;
+  bool datagram = false;     // a UDP flow
+  bool opened_here = false;  // the guest opened the stream (a --reverse-unix client)
+  std::unique_ptr<DatagramAssembler> assembler;
   uint32_t slot = 0;
   StreamId id = 0;
   bool in_mux = true;  // the mux still has the stream (false after close, reset or refusal)
@@ -115,7 +126,13 @@ void Session::on_completion(const Tag& tag, const io_uring_cqe& cqe) {
   --inflight_;
   switch (tag.op) {
     case Op::kDial: on_dial(c, cqe.res); break;
-    case Op::kConnRead: on_conn_read(c, cqe); break;
+    case Op::kConnRead:
+      if (c.datagram) {
+        on_datagrams_readable(c, cqe.res);
+      } else {
+        on_conn_read(c, cqe);
+      }
+      break;
     case Op::kConnWrite: on_conn_write(c, cqe.res); break;
     case Op::kConnShutdown: on_conn_shutdown(c, cqe.res); break;
     default: break;
@@ -243,12 +260,28 @@ void Session::feed(const Slice& bytes) {
 void Session::on_ready(const Hello& peer) {
   log::info("{}: host ready (protocol {}, max frame {}, window {}, max streams {})", peer_, peer.version,
             peer.max_frame, peer.initial_window, peer.max_streams);
+  env_.hooks.host_ready(*this);
+}
+
+void Session::send_ports(const PortDiff& diff, size_t max_listeners) {
+  if (!host_ready()) return;
+  for (const PortDiff& part : split_diff(diff, max_listeners)) {
+    flatbuffers::FlatBufferBuilder b(1024);
+    build_ports_message(part, b);
+    mux_.send_control(b);
+    ++env_.counters.ports_messages;
+    log::debug("{}: PORTS{} +{} -{}", peer_, part.full ? " snapshot" : "", part.added.size(), part.removed.size());
+  }
 }
 
 void Session::on_open(StreamId id, const wire::Target& target) {
   wire::TargetT requested;
   target.UnPackTo(&requested);
-  auto plan = env_.targets.resolve(requested);
+  auto plan = env_.targets.resolve(requested, env_.hooks.guest_listeners(false));
+  if (!plan && requested.proto != wire::Proto::Unix) {
+    // The listener may be newer than the last scan: look once more before refusing.
+    if (const auto* fresh = env_.hooks.guest_listeners(true)) plan = env_.targets.resolve(requested, fresh);
+  }
   if (!plan) {
     ++env_.counters.open_denied;
     log::at(log::Level::kWarn, id, "open {} refused: {}", TargetPolicy::describe(requested), plan.error().message);
@@ -256,13 +289,57 @@ void Session::on_open(StreamId id, const wire::Target& target) {
     return;
   }
   log::at(log::Level::kDebug, id, "open {} → {}", TargetPolicy::describe(requested), plan->description);
-  dial(new_conn(id, std::move(*plan)));
+  Conn& c = new_conn(id, std::move(*plan));
+  if (c.plan.socket_type == SOCK_DGRAM) {
+    dial_datagram(c);
+  } else {
+    dial(c);
+  }
+}
+
+void Session::open_reverse(int fd, const std::string& name, const std::string& guest_path) {
+  wire::TargetT target;
+  target.proto = wire::Proto::Unix;
+  target.path = name;
+  auto id = host_ready() ? mux_.open(target) : Result<StreamId>(Error{ErrorCode::kIo, 0, "host not connected"});
+  if (!id) {
+    ++env_.counters.reverse_refused;
+    log::warn("{}: client of {} turned away: {}", peer_, guest_path, id.error().to_string());
+    ::close(fd);
+    return;
+  }
+  ++env_.counters.reverse_opened;
+  Conn& c = new_conn(*id, DialPlan{fmt::format("client of {} (host target \"{}\")", guest_path, name), {}});
+  c.fd = fd;
+  c.opened_here = true;
+  // The guest's bytes may go out before the host answers; the host's wait for its open to succeed.
+  c.phase = Conn::Phase::kOpen;
+  log::at(log::Level::kDebug, c.id, "opened {}", c.plan.description);
+  mark(c);
+}
+
+void Session::on_open_result(StreamId id, const Error* error) {
+  Conn* c = conn_for(id);
+  if (c == nullptr) return;
+  if (error == nullptr) {
+    log::at(log::Level::kDebug, id, "host accepted {}", c->plan.description);
+    return;
+  }
+  ++env_.counters.reverse_refused;
+  log::at(log::Level::kWarn, id, "host refused {}: {}", c->plan.description, error->to_string());
+  c->in_mux = false;  // the mux has dropped the refused stream
+  by_stream_.erase(id);
+  kill(*c);
 }
 
 void Session::on_data(StreamId id, Slice data) {
   Conn* c = conn_for(id);
   if (c == nullptr) {
     mux_.reset(id, "guest agent has no socket for this stream");
+    return;
+  }
+  if (c->datagram) {
+    send_datagrams(*c, data);
     return;
   }
   c->out.push(std::move(data));
@@ -272,6 +349,12 @@ void Session::on_data(StreamId id, Slice data) {
 void Session::on_fin(StreamId id) {
   if (Conn* c = conn_for(id)) {
     c->fin_from_host = true;
+    if (c->datagram) {
+      // A flow has no half-close: the host is done with it, so it ends both ways.
+      mux_.shutdown_write(id);
+      kill(*c);
+      return;
+    }
     mark(*c);
   }
 }
@@ -349,6 +432,28 @@ void Session::dial(Conn& c) {
   c.dialing = true;
 }
 
+// UDP connect() only sets the default destination, so it completes at once; no CONNECT operation needed.
+void Session::dial_datagram(Conn& c) {
+  c.datagram = true;
+  c.assembler = std::make_unique<DatagramAssembler>(env_.datagram_pool);
+  int err = EADDRNOTAVAIL;
+  for (const SocketAddress& address : c.plan.addresses) {
+    c.fd = socket(address.family(), SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (c.fd >= 0 && ::connect(c.fd, address.get(), address.length) == 0) {
+      c.phase = Conn::Phase::kOpen;
+      ++env_.counters.streams_opened;
+      log::at(log::Level::kDebug, c.id, "UDP flow to {}", c.plan.description);
+      mux_.accept(c.id);
+      mark(c);
+      return;
+    }
+    err = errno;
+    if (c.fd >= 0) ::close(c.fd);
+    c.fd = -1;
+  }
+  dial_failed(c, err);
+}
+
 void Session::on_dial(Conn& c, int res) {
   c.dialing = false;
   if (c.phase == Conn::Phase::kClosing) return;
@@ -402,6 +507,51 @@ void Session::on_conn_read(Conn& c, const io_uring_cqe& cqe) {
   fail_conn(c, fmt::format("{}: read: {}", c.plan.description, std::strerror(err)));
 }
 
+// Host → guest: each datagram of the records is one send(). The credit goes back at once: nothing is kept.
+void Session::send_datagrams(Conn& c, const Slice& records) {
+  const Status st = c.assembler->feed(records, [&](Slice datagram) {
+    const ssize_t n = ::send(c.fd, datagram.data(), datagram.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n < 0) {
+      // EAGAIN/ENOBUFS: the socket's send buffer is full; ECONNREFUSED: an earlier datagram found no
+      // listener (ICMP). UDP promises no delivery, so the datagram is dropped, counted, and the flow stays.
+      ++env_.counters.datagrams_dropped;
+      return;
+    }
+    ++env_.counters.datagrams_to_guest;
+    env_.counters.bytes_to_guest += static_cast<uint64_t>(n);
+  });
+  mux_.consume(c.id, records.size());
+  if (!st) fail_conn(c, fmt::format("{}: {}", c.plan.description, st.error().message));
+}
+
+// Guest → host: drains the socket (up to a batch per wakeup). Each datagram lands 4 bytes into the arena's
+// tail so that its length prefix goes in front without a copy.
+void Session::on_datagrams_readable(Conn& c, int res) {
+  c.reading = false;
+  if (c.phase == Conn::Phase::kClosing || res < 0) return;  // cancelled, or a poll error: sync() re-arms
+  for (int i = 0; i < 64; ++i) {
+    const std::span<std::byte> space = env_.datagram_arena.writable();
+    const ssize_t n = ::recv(c.fd, space.data() + kDatagramPrefix, kMaxDatagram, MSG_DONTWAIT);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN) break;
+      // ECONNREFUSED and the like: an ICMP error for an earlier datagram. The flow stays, as UDP does.
+      if (errno == ECONNREFUSED || errno == EHOSTUNREACH || errno == ENETUNREACH) continue;
+      fail_conn(c, fmt::format("{}: recv: {}", c.plan.description, std::strerror(errno)));
+      return;
+    }
+    encode_datagram_prefix(space.data(), static_cast<uint32_t>(n));
+    Slice framed = env_.datagram_arena.commit(kDatagramPrefix + static_cast<size_t>(n));
+    if (mux_.send_capacity(c.id) < framed.size()) {
+      ++env_.counters.datagrams_dropped;
+      continue;
+    }
+    mux_.send(c.id, std::move(framed));
+    ++env_.counters.datagrams_from_guest;
+    env_.counters.bytes_from_guest += static_cast<uint64_t>(n);
+  }
+}
+
 void Session::on_conn_write(Conn& c, int res) {
   c.writing = false;
   if (c.phase == Conn::Phase::kClosing) return;
@@ -434,6 +584,14 @@ void Session::sync(Conn& c) {
     case Conn::Phase::kDialing:
       return;
     case Conn::Phase::kOpen:
+      if (c.datagram) {
+        if (!c.in_mux) {
+          kill(c);
+        } else if (!c.reading) {
+          arm_datagram_poll(c);
+        }
+        return;
+      }
       if (!c.reading && !c.read_eof) {
         if (const size_t capacity = mux_.send_capacity(c.id); capacity > 0) arm_conn_read(c, capacity);
       }
@@ -453,6 +611,12 @@ void Session::arm_conn_read(Conn& c, size_t capacity) {
   io_uring_sqe* sqe = conn_sqe(c, Op::kConnRead);
   io_uring_prep_recv(sqe, c.fd, nullptr, 0, 0);
   env_.conn_buffers.attach(sqe, len, c.read_hold);
+  c.reading = true;
+}
+
+void Session::arm_datagram_poll(Conn& c) {
+  io_uring_sqe* sqe = conn_sqe(c, Op::kConnRead);
+  io_uring_prep_poll_add(sqe, c.fd, POLLIN);
   c.reading = true;
 }
 

@@ -10,6 +10,15 @@
 // A guest socket is read only while Mux::send_capacity > 0, so a slow host stream stops the guest reader
 // instead of growing a queue; on_writable resumes it.
 //
+// UDP flows (one connected guest socket per host-side client flow) carry length-prefixed datagrams
+// (protocol/datagram.h). Host → guest: records are reassembled and each datagram goes out with one send();
+// guest → host: on readiness each datagram is received into the shared datagram arena 4 bytes past the
+// write position, so the prefixed record is one Slice. A datagram the stream has no room for is dropped and
+// counted, as a congested network would; nothing queues without bound.
+//
+// Streams opened by the guest (a client of a --reverse-unix socket) get even ids and are served by the same
+// Conn machinery once opened.
+//
 // Lifetime: the kernel holds pointers into a session's buffers, iovecs and Mux output while operations are in
 // flight, so a session is closed first (every operation cancelled) and destroyed only once finished().
 #pragma once
@@ -20,10 +29,12 @@
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <set>
 #include <string>
 #include <unordered_map>
 #include <vector>
 
+#include "guest/port_watcher_linux.h"
 #include "guest/read_buffers.h"
 #include "guest/targets.h"
 #include "guest/transport_linux.h"
@@ -54,8 +65,29 @@ struct GuestCounters {
   uint64_t transport_writes = 0;
   uint64_t frames_in = 0;           // summed over finished host connections
   uint64_t frames_out = 0;
+  uint64_t datagrams_to_guest = 0;  // UDP datagrams sent to guest sockets
+  uint64_t datagrams_from_guest = 0;
+  uint64_t datagrams_dropped = 0;   // no room on the stream, or the guest socket refused them
+  uint64_t port_scans = 0;
+  uint64_t port_scan_errors = 0;
+  uint64_t ports_messages = 0;      // PORTS control messages sent
+  uint64_t reverse_opened = 0;      // guest clients of --reverse-unix sockets given a stream
+  uint64_t reverse_refused = 0;     // ... turned away (no host, or the host refused the name)
 
   std::string to_string() const;
+};
+
+class Session;
+
+// What a session asks of the agent that owns it.
+class SessionHooks {
+ public:
+  virtual ~SessionHooks() = default;
+  // The host finished the handshake; the agent answers with a full PORTS snapshot (Session::send_ports).
+  virtual void host_ready(Session& session) = 0;
+  // The guest's listeners as last scanned, or null when ports are not watched. `rescan`: scan first (an
+  // OPEN named a port the last scan did not show, e.g. a static forward's first client beat the poll).
+  virtual const std::set<PortEntry>* guest_listeners(bool rescan) = 0;
 };
 
 // What a session borrows from the agent; everything here outlives every session.
@@ -66,6 +98,9 @@ struct SessionEnv {
   const TargetPolicy& targets;
   GuestCounters& counters;
   MuxConfig mux_config;
+  SessionHooks& hooks;
+  BufferPool& datagram_pool;    // blocks of at least kMaxDatagram + kDatagramPrefix bytes
+  ReadArena& datagram_arena;    // UDP replies, read one at a time into its tail
   bool multishot = true;  // cleared for good when the kernel refuses multishot RECV
 };
 
@@ -92,11 +127,17 @@ class Session final : public MuxHandler {
   // No streams and nothing left to send: a draining agent may stop now.
   bool drained();
   const Mux& mux() const { return mux_; }
+  // The handshake completed and the session is not closing: streams may be opened, PORTS sent.
+  bool host_ready() const { return !closing_ && mux_.ready(); }
+  // Sends a PORTS diff (or snapshot), in parts of at most `max_listeners` listeners.
+  void send_ports(const PortDiff& diff, size_t max_listeners);
+  // Gives a connected guest client (of a --reverse-unix socket) a stream to host target `name`. Takes the fd.
+  void open_reverse(int fd, const std::string& name, const std::string& guest_path);
 
   // MuxHandler
   void on_ready(const Hello& peer) override;
   void on_open(StreamId id, const wire::Target& target) override;
-  void on_open_result(StreamId, const Error*) override {}  // the guest opens no streams (yet)
+  void on_open_result(StreamId id, const Error* error) override;
   void on_data(StreamId id, Slice data) override;
   void on_fin(StreamId id) override;
   void on_reset(StreamId id, const Error& error) override;
@@ -121,15 +162,19 @@ class Session final : public MuxHandler {
   Conn& new_conn(StreamId id, DialPlan plan);
   io_uring_sqe* conn_sqe(Conn& c, Op op);
   void dial(Conn& c);
+  void dial_datagram(Conn& c);
   void on_dial(Conn& c, int res);
   void dial_failed(Conn& c, int err);
   void on_conn_read(Conn& c, const io_uring_cqe& cqe);
+  void on_datagrams_readable(Conn& c, int res);
+  void send_datagrams(Conn& c, const Slice& records);
   void on_conn_write(Conn& c, int res);
   void on_conn_shutdown(Conn& c, int res);
   // The one place that decides what a guest connection does next; every change ends with mark().
   void sync(Conn& c);
   void mark(Conn& c);
   void arm_conn_read(Conn& c, size_t capacity);
+  void arm_datagram_poll(Conn& c);
   void arm_conn_write(Conn& c);
   void arm_conn_shutdown(Conn& c);
   // Resets the stream towards the host with `message` and closes the guest socket.

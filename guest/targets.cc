@@ -5,6 +5,7 @@
 #include <netinet/in.h>
 #include <sys/un.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -47,6 +48,38 @@ SocketAddress loopback6(uint16_t port) {
 }
 
 bool is_name(const std::string& path) { return !path.empty() && path.front() != '/'; }
+
+// Parses a numeric IPv4 or IPv6 address; `canonical` is its inet_ntop form, as the port watcher reports it.
+bool numeric_address(const std::string& host, uint16_t port, SocketAddress& out, std::string& canonical) {
+  char text[INET6_ADDRSTRLEN] = {};
+  auto* sin = reinterpret_cast<sockaddr_in*>(&out.storage);
+  if (inet_pton(AF_INET, host.c_str(), &sin->sin_addr) == 1) {
+    sin->sin_family = AF_INET;
+    sin->sin_port = htons(port);
+    out.length = sizeof(sockaddr_in);
+    inet_ntop(AF_INET, &sin->sin_addr, text, sizeof text);
+    canonical = text;
+    return true;
+  }
+  auto* sin6 = reinterpret_cast<sockaddr_in6*>(&out.storage);
+  if (inet_pton(AF_INET6, host.c_str(), &sin6->sin6_addr) == 1) {
+    sin6->sin6_family = AF_INET6;
+    sin6->sin6_port = htons(port);
+    out.length = sizeof(sockaddr_in6);
+    inet_ntop(AF_INET6, &sin6->sin6_addr, text, sizeof text);
+    canonical = text;
+    return true;
+  }
+  return false;
+}
+
+bool is_loopback(const SocketAddress& a) {
+  if (a.family() == AF_INET) {
+    return (ntohl(reinterpret_cast<const sockaddr_in*>(&a.storage)->sin_addr.s_addr) >> 24) == 127;
+  }
+  const in6_addr& v6 = reinterpret_cast<const sockaddr_in6*>(&a.storage)->sin6_addr;
+  return IN6_IS_ADDR_LOOPBACK(&v6) || (IN6_IS_ADDR_V4MAPPED(&v6) && v6.s6_addr[12] == 127);
+}
 
 }  // namespace
 
@@ -96,11 +129,11 @@ std::string TargetPolicy::describe(const wire::TargetT& target) {
   return "?";
 }
 
-Result<DialPlan> TargetPolicy::resolve(const wire::TargetT& target) const {
+Result<DialPlan> TargetPolicy::resolve(const wire::TargetT& target, const std::set<PortEntry>* listeners) const {
   switch (target.proto) {
     case wire::Proto::Unix: return resolve_unix(target.path);
     case wire::Proto::Tcp:
-    case wire::Proto::Udp: return resolve_port(target);
+    case wire::Proto::Udp: return resolve_port(target, listeners);
   }
   return refused(EPROTONOSUPPORT, fmt::format("target {}: unknown protocol {}", describe(target),
                                               static_cast<int>(target.proto)));
@@ -140,28 +173,54 @@ Result<DialPlan> TargetPolicy::resolve_unix(const std::string& path) const {
   return DialPlan{"guest socket " + resolved, {unix_address(resolved)}};
 }
 
-Result<DialPlan> TargetPolicy::resolve_port(const wire::TargetT& target) const {
+Result<DialPlan> TargetPolicy::resolve_port(const wire::TargetT& target,
+                                            const std::set<PortEntry>* listeners) const {
   const std::string what = describe(target);
-  if (!config_.allow_ports) {
-    return refused(EACCES, fmt::format("target {} is not allowed; start vbridge-guest with --allow-ports to allow "
-                                       "dialing guest loopback ports",
-                                       what));
-  }
-  if (target.proto == wire::Proto::Udp) {
-    return refused(EPROTONOSUPPORT, fmt::format("target {}: UDP forwarding is not supported by this guest agent", what));
-  }
   if (target.port == 0) return refused(EINVAL, fmt::format("target {}: port 0", what));
-  const std::string& host = target.host;
-  const bool any = host.empty() || host == "localhost";
-  bool want4 = any ? target.family != wire::Family::Inet6 : host == "127.0.0.1";
-  bool want6 = any ? target.family != wire::Family::Inet4 : host == "::1";
-  if (!want4 && !want6) {
-    return refused(EACCES, fmt::format("target {}: only loopback addresses (127.0.0.1, ::1) may be dialed", what));
+  const bool udp = target.proto == wire::Proto::Udp;
+  std::vector<const PortEntry*> listening;  // guest listeners of this protocol and port
+  if (listeners != nullptr) {
+    for (const PortEntry& e : *listeners) {
+      if (e.proto == target.proto && e.port == target.port) listening.push_back(&e);
+    }
+  }
+  if (!config_.allow_ports && listening.empty()) {
+    if (listeners == nullptr) {
+      return refused(EACCES, fmt::format("target {} is not allowed; start vbridge-guest with --allow-ports to allow "
+                                         "dialing guest loopback ports",
+                                         what));
+    }
+    return refused(EACCES, fmt::format("target {} is not allowed: no guest {} listener on port {} (start "
+                                       "vbridge-guest with --allow-ports to allow dialing any loopback port)",
+                                       what, udp ? "udp" : "tcp", target.port));
   }
   DialPlan plan;
-  if (want4) plan.addresses.push_back(loopback4(target.port));
-  if (want6) plan.addresses.push_back(loopback6(target.port));
-  plan.description = fmt::format("guest port {}:{}", want4 ? "127.0.0.1" : "[::1]", target.port);
+  plan.socket_type = udp ? SOCK_DGRAM : SOCK_STREAM;
+  const char* kind = udp ? "guest udp port" : "guest port";
+  const std::string& host = target.host;
+  if (host.empty() || host == "localhost") {
+    const bool want4 = target.family != wire::Family::Inet6;
+    const bool want6 = target.family != wire::Family::Inet4;
+    if (want4) plan.addresses.push_back(loopback4(target.port));
+    if (want6) plan.addresses.push_back(loopback6(target.port));
+    plan.description = fmt::format("{} {}:{}", kind, want4 ? "127.0.0.1" : "[::1]", target.port);
+    return plan;
+  }
+  SocketAddress address;
+  std::string canonical;
+  if (!numeric_address(host, target.port, address, canonical)) {
+    return refused(EINVAL, fmt::format("target {}: \"{}\" is not a numeric IPv4 or IPv6 address", what, host));
+  }
+  const bool listened = std::any_of(listening.begin(), listening.end(),
+                                    [&](const PortEntry* e) { return e->address == canonical; });
+  if (!is_loopback(address) && !listened) {
+    return refused(EACCES, fmt::format("target {}: only loopback addresses (127.0.0.1, ::1) and the addresses of "
+                                       "guest listeners may be dialed",
+                                       what));
+  }
+  plan.addresses.push_back(address);
+  plan.description = address.family() == AF_INET6 ? fmt::format("{} [{}]:{}", kind, canonical, target.port)
+                                                  : fmt::format("{} {}:{}", kind, canonical, target.port);
   return plan;
 }
 

@@ -134,10 +134,48 @@ TEST(Targets, NonLoopbackHostsAreRefused) {
                  "only loopback");
 }
 
-TEST(Targets, UdpIsNotSupportedYet) {
+TEST(Targets, UdpPortDialsADatagramSocket) {
   TargetConfig c;
   c.allow_ports = true;
-  expect_refused(policy(c).resolve(port_target(53, wire::Proto::Udp)), EPROTONOSUPPORT, "UDP");
+  auto plan = policy(c).resolve(port_target(53, wire::Proto::Udp, wire::Family::Inet4));
+  ASSERT_TRUE(plan.ok()) << plan.error().message;
+  EXPECT_EQ(plan->socket_type, SOCK_DGRAM);
+  ASSERT_EQ(plan->addresses.size(), 1u);
+  EXPECT_EQ(plan->addresses[0].family(), AF_INET);
+  EXPECT_EQ(plan->description, "guest udp port 127.0.0.1:53");
+}
+
+TEST(Targets, PortsTheWatcherReportsAreAllowedWithoutAllowPorts) {
+  const TargetPolicy p = policy();
+  const std::set<PortEntry> listeners = {{wire::Proto::Tcp, wire::Family::Inet4, "127.0.0.1", 8080},
+                                         {wire::Proto::Udp, wire::Family::Inet6, "::", 5353}};
+  auto tcp = p.resolve(port_target(8080, wire::Proto::Tcp, wire::Family::Inet4, "127.0.0.1"), &listeners);
+  ASSERT_TRUE(tcp.ok()) << tcp.error().message;
+  EXPECT_EQ(tcp->socket_type, SOCK_STREAM);
+  auto udp = p.resolve(port_target(5353, wire::Proto::Udp, wire::Family::Inet6, "::1"), &listeners);
+  ASSERT_TRUE(udp.ok()) << udp.error().message;
+  EXPECT_EQ(udp->addresses[0].family(), AF_INET6);
+  // Another port, or the same port of the other protocol: nothing listens there.
+  expect_refused(p.resolve(port_target(8081), &listeners), EACCES, "no guest tcp listener on port 8081");
+  expect_refused(p.resolve(port_target(8080, wire::Proto::Udp), &listeners), EACCES, "--allow-ports");
+}
+
+TEST(Targets, ListenerAddressesMayBeDialedOtherAddressesNot) {
+  const TargetPolicy p = policy();
+  const std::set<PortEntry> listeners = {{wire::Proto::Tcp, wire::Family::Inet4, "10.1.2.3", 80},
+                                         {wire::Proto::Tcp, wire::Family::Inet6, "fd00::5", 80}};
+  auto v4 = p.resolve(port_target(80, wire::Proto::Tcp, wire::Family::Inet4, "10.1.2.3"), &listeners);
+  ASSERT_TRUE(v4.ok()) << v4.error().message;
+  EXPECT_EQ(v4->description, "guest port 10.1.2.3:80");
+  auto v6 = p.resolve(port_target(80, wire::Proto::Tcp, wire::Family::Inet6, "fd00:0::5"), &listeners);
+  ASSERT_TRUE(v6.ok()) << v6.error().message;
+  EXPECT_EQ(v6->description, "guest port [fd00::5]:80");
+  expect_refused(p.resolve(port_target(80, wire::Proto::Tcp, wire::Family::Inet4, "10.1.2.4"), &listeners), EACCES,
+                 "only loopback");
+  expect_refused(p.resolve(port_target(80, wire::Proto::Tcp, wire::Family::Inet4, "example.com"), &listeners),
+                 EINVAL, "numeric");
+  // Any address of 127/8 is loopback.
+  EXPECT_TRUE(p.resolve(port_target(80, wire::Proto::Tcp, wire::Family::Inet4, "127.0.0.2"), &listeners).ok());
 }
 
 TEST(Targets, PortZeroIsInvalid) {

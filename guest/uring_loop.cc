@@ -17,6 +17,8 @@ const char* op_name(Op op) {
     case Op::kSerialProbe: return "serial-probe";
     case Op::kRetryTimer: return "retry-timer";
     case Op::kDrainTimer: return "drain-timer";
+    case Op::kPortTimer: return "port-timer";
+    case Op::kReverseAccept: return "reverse-accept";
     case Op::kCancel: return "cancel";
     case Op::kTransportRead: return "transport-read";
     case Op::kTransportWrite: return "transport-write";
@@ -50,6 +52,7 @@ constexpr RequiredOp kRequiredOps[] = {
     {IORING_OP_ACCEPT, "ACCEPT"},   {IORING_OP_CONNECT, "CONNECT"},        {IORING_OP_RECV, "RECV"},
     {IORING_OP_READ, "READ"},       {IORING_OP_SENDMSG, "SENDMSG"},        {IORING_OP_WRITEV, "WRITEV"},
     {IORING_OP_TIMEOUT, "TIMEOUT"}, {IORING_OP_ASYNC_CANCEL, "ASYNC_CANCEL"}, {IORING_OP_SHUTDOWN, "SHUTDOWN"},
+    {IORING_OP_POLL_ADD, "POLL_ADD"},
 };
 
 }  // namespace

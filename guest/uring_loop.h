@@ -23,11 +23,13 @@ enum class Op : uint8_t {
   kSerialProbe,     // agent: read on the serial port while no host is attached
   kRetryTimer,      // agent: pause before re-arming accept or the serial probe
   kDrainTimer,      // agent: deadline for streams to drain after SIGTERM
+  kPortTimer,       // agent: the next port scan is due
+  kReverseAccept,   // agent: accept on a --reverse-unix socket (slot: its index)
   kCancel,          // anyone: an ASYNC_CANCEL, whose own result does not matter
   kTransportRead,   // session: read from the host connection
   kTransportWrite,  // session: gather write to the host connection
   kDial,            // session: connect of a guest socket
-  kConnRead,        // session: read from a guest socket
+  kConnRead,        // session: read from a guest socket (a UDP flow: poll for readability)
   kConnWrite,       // session: gather write to a guest socket
   kConnShutdown,    // session: shutdown(SHUT_WR) of a guest socket
 };

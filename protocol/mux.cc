@@ -25,14 +25,15 @@ struct Mux::Stream {
   bool fin_sent = false;      // our FIN frame is queued for the transport
   bool fin_received = false;  // the peer's FIN arrived
   bool in_ready = false;      // present in ready_
-  // What the application was told about capacity; send_capacity() records it, hence mutable.
-  mutable bool starved = false;     // send_capacity reached 0; on_writable is owed
-  mutable bool in_starved = false;  // present in starved_
   uint64_t send_credit;       // bytes the peer still lets us send
   uint64_t recv_window;       // bytes the peer may still send us
   uint64_t recv_unacked = 0;  // consumed bytes not yet returned as credit
   std::deque<Slice> pending;  // bytes queued by send(), not yet framed
   uint64_t pending_bytes = 0;
+
+  // What the application was told about capacity; send_capacity() records it, hence mutable.
+  mutable bool starved = false;     // send_capacity reached 0; on_writable is owed
+  mutable bool in_starved = false;  // present in starved_
 };
 
 // Most calls ask for the stream the previous call found (send, then schedule it; a frame header, then its

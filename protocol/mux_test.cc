@@ -512,8 +512,8 @@ TEST(Mux, StreamResetAndReapedInsideOnWritableIsNotTouchedAgain) {
 // The FlatBuffers verifier accepts a union type whose table is absent; such a message used to be
 // dereferenced as if the table were there.
 TEST(Mux, ControlMessageWithoutBodyIsAConnectionErrorNotACrash) {
-  for (const auto type : {wire::Message::Open, wire::Message::OpenFail, wire::Message::GoAway,
-                          wire::Message::Ports}) {
+  for (const auto type :
+       {wire::Message::Open, wire::Message::OpenFail, wire::Message::GoAway, wire::Message::Ports}) {
     BufferPool pool;
     testing::RecordingHandler h;
     Mux guest(Role::kGuest, h);

@@ -34,10 +34,10 @@ class SinkHandler final : public MuxHandler {
 };
 
 struct Link {
-  BufferPool pool;        // the applications' buffers
-  BufferPool rx_pool;     // holds the receiver's transport buffer
-  Slice rx;               // the receiver's transport buffer, reused for every feed
-  Slice back;             // the sender's transport buffer, for what flows back (credit, answers)
+  BufferPool pool;     // the applications' buffers
+  BufferPool rx_pool;  // holds the receiver's transport buffer
+  Slice rx;            // the receiver's transport buffer, reused for every feed
+  Slice back;          // the sender's transport buffer, for what flows back (credit, answers)
   SinkHandler sender_handler, receiver_handler;
   Mux sender, receiver;
   StreamId stream = 0;

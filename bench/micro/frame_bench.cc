@@ -23,8 +23,9 @@ BENCHMARK(BM_FrameHeaderEncode);
 void BM_FrameHeaderDecode(benchmark::State& state) {
   std::array<HeaderBytes, 16> in{};
   for (size_t i = 0; i < in.size(); ++i) {
-    encode_header(FrameHeader{static_cast<uint32_t>(64 * i), static_cast<StreamId>(2 * i + 1), FrameType::kData, 0},
-                  in[i].data());
+    encode_header(
+        FrameHeader{static_cast<uint32_t>(64 * i), static_cast<StreamId>(2 * i + 1), FrameType::kData, 0},
+        in[i].data());
   }
   size_t i = 0;
   for (auto _ : state) {

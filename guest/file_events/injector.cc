@@ -309,7 +309,7 @@ void Injector::touch_dir(const Root& root, std::string_view rel) {
   ::close(fd);
 }
 
-void Injector::touch_entries(const Root& root, int dir_fd) {
+void Injector::touch_entries(const Root& root, int dir_fd, int64_t since_ns) {
   const int dup_fd = ::openat(dir_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dup_fd < 0) return;
   DIR* d = ::fdopendir(dup_fd);
@@ -321,6 +321,16 @@ void Injector::touch_entries(const Root& root, int dir_fd) {
   while (struct dirent* e = ::readdir(d)) {
     if (std::strcmp(e->d_name, ".") == 0 || std::strcmp(e->d_name, "..") == 0) continue;
     if (++n > options_.max_rescan_entries) break;
+    if (since_ns > 0) {
+      // Fresh attributes from the server, not the FUSE client's cache: the change may be a moment old.
+      struct statx stx {};
+      if (::statx(dir_fd, e->d_name, AT_SYMLINK_NOFOLLOW | AT_STATX_FORCE_SYNC, STATX_CTIME, &stx) == 0 &&
+          (stx.stx_mask & STATX_CTIME) != 0 &&
+          int64_t{stx.stx_ctime.tv_sec} * 1'000'000'000 + stx.stx_ctime.tv_nsec < since_ns) {
+        ++counters_.rescan_unchanged;
+        continue;
+      }
+    }
     // One component from the directory itself, not followed if it is a symlink.
     const int pfd = ::openat(dir_fd, e->d_name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
     if (pfd < 0) continue;
@@ -330,7 +340,7 @@ void Injector::touch_entries(const Root& root, int dir_fd) {
   ::closedir(d);
 }
 
-void Injector::touch_path(const Root& root, std::string_view rel, bool rescan) {
+void Injector::touch_path(const Root& root, std::string_view rel, bool rescan, int64_t since_ns) {
   if (rescan) {
     const int fd = resolve(root, rel, O_RDONLY | O_DIRECTORY);
     if (fd < 0) {
@@ -341,7 +351,7 @@ void Injector::touch_path(const Root& root, std::string_view rel, bool rescan) {
       ++counters_.dir_touches;
       pulse_xattr(fd);
     }
-    touch_entries(root, fd);
+    touch_entries(root, fd, since_ns);
     ::close(fd);
     return;
   }
@@ -389,7 +399,7 @@ void Injector::apply(const wire::FileEvents& batch) {
         touch_path(*root, path, false);
         break;
       case wire::FileEventKind::Modify:
-        touch_path(*root, path, e->rescan());
+        touch_path(*root, path, e->rescan(), e->changed_since_ns());
         break;
       case wire::FileEventKind::Attrib:
         touch_path(*root, path, false);

@@ -47,6 +47,7 @@ struct InjectorCounters {
   uint64_t special_skipped = 0;  // fifos, sockets, devices: never opened
   uint64_t read_only_opens = 0;  // could not open for writing (read-only file, busy executable): no IN_CLOSE_WRITE
   uint64_t xattr_unsupported = 0;  // the share refuses user xattrs: no IN_ATTRIB for that touch
+  uint64_t rescan_unchanged = 0; // entries a rescan left alone: not changed since the time it gave
   uint64_t errors = 0;           // any other failed syscall
 };
 
@@ -86,11 +87,12 @@ class Injector {
   const Root* find_root(std::string_view share) const;
   // An O_PATH descriptor for `rel` beneath the root, never following symlinks. -errno on failure.
   int resolve(const Root& root, std::string_view rel, int flags) const;
-  void touch_path(const Root& root, std::string_view rel, bool rescan);
+  // `since_ns` > 0: a rescan touches only entries whose ctime is at or after it.
+  void touch_path(const Root& root, std::string_view rel, bool rescan, int64_t since_ns = 0);
   void touch_dir(const Root& root, std::string_view rel);
   // Touches the object behind an O_PATH descriptor (a regular file or a directory).
   void touch_opened(const Root& root, int path_fd, std::string_view rel_for_log);
-  void touch_entries(const Root& root, int dir_fd);
+  void touch_entries(const Root& root, int dir_fd, int64_t since_ns);
   void pulse_xattr(int fd);
   void count_resolve_error(int err, std::string_view rel);
 

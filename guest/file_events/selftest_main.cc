@@ -108,9 +108,9 @@ std::string guest_stats_json(const file_events::Injector& inj) {
   return fmt::format(
       "{{{},\"batches\":{},\"events\":{},\"file_touches\":{},\"dir_touches\":{},\"refused\":{},"
       "\"unknown_share\":{},\"gone\":{},\"symlink_leaf\":{},\"special_skipped\":{},\"read_only_opens\":{},"
-      "\"xattr_unsupported\":{},\"errors\":{},\"openat2\":{}}}",
+      "\"xattr_unsupported\":{},\"rescan_unchanged\":{},\"errors\":{},\"openat2\":{}}}",
       process_json(), c.batches, c.events, c.file_touches, c.dir_touches, c.refused, c.unknown_share, c.gone,
-      c.symlink_leaf, c.special_skipped, c.read_only_opens, c.xattr_unsupported, c.errors,
+      c.symlink_leaf, c.special_skipped, c.read_only_opens, c.xattr_unsupported, c.rescan_unchanged, c.errors,
       inj.uses_openat2() ? "true" : "false");
 }
 

@@ -18,26 +18,36 @@ Coalescer::Entry* Coalescer::find(std::string_view path) {
 }
 
 void Coalescer::open_window(Clock::time_point now) {
-  if (!window_end_) window_end_ = now + window_;
+  if (window_end_) return;
+  window_end_ = now + window_;
+  window_floor_ = clock_floor_;
 }
 
-void Coalescer::add_rescan(std::string_view dir) {
+void Coalescer::add_rescan(std::string_view dir, int64_t since_ns) {
   if (entries_.size() == 1 && entries_.begin()->first.empty() && (entries_.begin()->second.flags & kRescan)) {
-    return;  // the root is rescanned: it covers everything
+    // The root is rescanned: it covers everything, from the earliest time asked.
+    Entry& root = entries_.begin()->second;
+    root.since_ns = std::min(root.since_ns, since_ns);
+    return;
   }
   auto it = entries_.find(std::string(dir));
   if (it != entries_.end()) {
-    it->second.flags |= kRescan | kExistsNow | kExistedBefore;
-    it->second.is_dir = true;
-    it->second.renamed_from.clear();
+    Entry& e = it->second;
+    e.since_ns = (e.flags & kRescan) ? std::min(e.since_ns, since_ns) : since_ns;
+    e.flags |= kRescan | kExistsNow | kExistedBefore;
+    e.is_dir = true;
+    e.renamed_from.clear();
     return;
   }
   if (entries_.size() >= options_.max_paths) {
+    int64_t earliest = since_ns;
+    for (const auto& [path, e] : entries_) earliest = std::min(earliest, (e.flags & kRescan) ? e.since_ns : window_floor_);
     entries_.clear();
     ++counters_.root_collapses;
     dir = {};
+    since_ns = earliest;
   }
-  entries_.emplace(std::string(dir), Entry{kRescan | kExistsNow | kExistedBefore, true, next_order_++, {}});
+  entries_.emplace(std::string(dir), Entry{kRescan | kExistsNow | kExistedBefore, true, next_order_++, {}, since_ns});
 }
 
 void Coalescer::collapse() {
@@ -54,15 +64,22 @@ void Coalescer::collapse() {
     }
   }
   std::sort(dirs.begin(), dirs.end());
+  std::unordered_map<std::string, int64_t> rescans_since;  // explicit rescans keep their own floor
+  for (auto& [path, e] : entries_) {
+    if (e.flags & kRescan) rescans_since.emplace(path, e.since_ns);
+  }
   entries_.clear();
-  for (auto& [order, dir] : dirs) add_rescan(dir);
+  for (auto& [order, dir] : dirs) {
+    auto r = rescans_since.find(dir);
+    add_rescan(dir, r != rescans_since.end() ? std::min(r->second, window_floor_) : window_floor_);
+  }
 }
 
 Coalescer::Entry* Coalescer::touch(std::string_view path, uint8_t fresh_flags, bool is_dir,
                                    Clock::time_point now) {
   open_window(now);
   if (collapsed_) {
-    add_rescan(parent_of(path));
+    add_rescan(parent_of(path), window_floor_);
     return nullptr;
   }
   if (Entry* e = find(path)) {
@@ -71,7 +88,7 @@ Coalescer::Entry* Coalescer::touch(std::string_view path, uint8_t fresh_flags, b
   }
   if (entries_.size() >= options_.max_paths) {
     collapse();
-    add_rescan(parent_of(path));
+    add_rescan(parent_of(path), window_floor_);
     return nullptr;
   }
   auto [it, inserted] = entries_.emplace(std::string(path), Entry{fresh_flags, is_dir, next_order_++, {}});
@@ -144,11 +161,11 @@ void Coalescer::renamed(std::string_view from, std::string_view to, bool is_dir,
   dst->is_dir = is_dir;
 }
 
-void Coalescer::rescan(std::string_view dir, Clock::time_point now) {
+void Coalescer::rescan(std::string_view dir, Clock::time_point now, int64_t since_ns) {
   ++counters_.events_in;
   open_window(now);
   if (!collapsed_ && find(dir) == nullptr && entries_.size() >= options_.max_paths) collapse();
-  add_rescan(dir);
+  add_rescan(dir, since_ns);
 }
 
 std::optional<Clock::time_point> Coalescer::deadline() const {
@@ -186,6 +203,7 @@ std::vector<FileChange> Coalescer::take(Clock::time_point now, bool force) {
     if (e.flags & kRescan) {
       c.is_dir = true;
       c.rescan = true;
+      c.since_ns = e.since_ns;
     } else if (!(e.flags & kExistsNow)) {
       if (!(e.flags & kExistedBefore) || consumed.count(path) != 0) continue;
       c.kind = wire::FileEventKind::Delete;
@@ -232,7 +250,7 @@ std::vector<flatbuffers::FlatBufferBuilder> encode_batches(std::string_view shar
       bytes += cost;
       const auto path = b.CreateString(c.path);
       const auto old_path = c.old_path.empty() ? flatbuffers::Offset<flatbuffers::String>() : b.CreateString(c.old_path);
-      events.push_back(wire::CreateFileEvent(b, c.kind, path, old_path, c.is_dir, c.rescan));
+      events.push_back(wire::CreateFileEvent(b, c.kind, path, old_path, c.is_dir, c.rescan, c.since_ns));
       ++i;
     }
     const auto vec = b.CreateVector(events);

@@ -43,6 +43,7 @@ struct FileChange {
   std::string old_path;  // for kRename
   bool is_dir = false;
   bool rescan = false;   // kModify of a directory whose entries changed without itemized events
+  int64_t since_ns = 0;  // with rescan: entries changed at or after this host wall-clock time; 0 = any
 
   bool operator==(const FileChange&) const = default;
 };
@@ -65,8 +66,13 @@ class Coalescer {
   void attrib(std::string_view path, bool is_dir, Clock::time_point now);
   void deleted(std::string_view path, bool is_dir, Clock::time_point now);
   void renamed(std::string_view from, std::string_view to, bool is_dir, Clock::time_point now);
-  // The entries of `dir` changed in ways not itemized (queue overflow, a directory moved in).
-  void rescan(std::string_view dir, Clock::time_point now);
+  // The entries of `dir` changed in ways not itemized (queue overflow, a directory moved in), at or after
+  // `since_ns` (host wall clock; 0 = unknown).
+  void rescan(std::string_view dir, Clock::time_point now, int64_t since_ns = 0);
+  // Events fed from now on are of changes made at or after `since_ns` (host wall clock, the time the
+  // caller last found its event queue empty). Rescans made by a collapse use the floor at the window's
+  // start, so the guest only re-touches entries that changed in that window.
+  void set_clock_floor(int64_t since_ns) { clock_floor_ = since_ns; }
 
   // When take() has something to return; nullopt when nothing is pending.
   std::optional<Clock::time_point> deadline() const;
@@ -91,6 +97,7 @@ class Coalescer {
     bool is_dir = false;
     uint64_t order = 0;
     std::string renamed_from;  // set when this path is the target of a rename from a pre-existing path
+    int64_t since_ns = 0;      // for kRescan
   };
 
   Entry* find(std::string_view path);
@@ -101,7 +108,7 @@ class Coalescer {
   void on_deleted(std::string_view path, bool is_dir, Clock::time_point now);
   void open_window(Clock::time_point now);
   void collapse();
-  void add_rescan(std::string_view dir);
+  void add_rescan(std::string_view dir, int64_t since_ns);
 
   CoalescerOptions options_;
   std::chrono::milliseconds window_;
@@ -109,6 +116,8 @@ class Coalescer {
   std::optional<Clock::time_point> window_end_;
   uint64_t next_order_ = 0;
   bool collapsed_ = false;       // pending paths became directory rescans; new events join them
+  int64_t clock_floor_ = 0;
+  int64_t window_floor_ = 0;     // clock_floor_ when the window opened
   CoalescerCounters counters_;
 };
 

@@ -5,6 +5,7 @@
 #include <sys/epoll.h>
 #include <sys/stat.h>
 #include <sys/timerfd.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -22,6 +23,15 @@ namespace {
 
 constexpr size_t kReadBuffer = 64 * 1024;
 constexpr int kMaxReadsPerDrain = 32;  // then yield to the loop; the epoll fd stays readable
+// Slack between "the queue was empty at T" and the ctime the file system stamps on a later change: coarse
+// file system timestamps and wall-clock steps.
+constexpr int64_t kClockSlackNs = 2'000'000'000;
+
+int64_t realtime_ns() {
+  struct timespec ts {};
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
+}
 
 Error io_error(const std::string& what, int err = errno) {
   return Error{ErrorCode::kIo, err, fmt::format("{}: {}", what, std::strerror(err))};
@@ -126,6 +136,7 @@ Result<std::unique_ptr<InotifyWatcher>> InotifyWatcher::create(std::vector<Share
     if (::epoll_ctl(w->epoll_fd_, EPOLL_CTL_ADD, fd, &ev) != 0) return io_error("epoll_ctl");
   }
   const auto now = Clock::now();
+  w->queue_empty_rt_ns_ = realtime_ns();
   for (uint32_t i = 0; i < w->shares_.size(); ++i) {
     if (Status st = w->watch_tree(i, "", Report::kNothing, now); !st) return st.error();
   }
@@ -332,12 +343,19 @@ std::vector<Batch> InotifyWatcher::drain() {
   uint64_t expirations = 0;
   (void)!::read(timer_fd_, &expirations, sizeof expirations);
 
+  // Whatever is queued now happened after the queue was last seen empty.
+  for (auto& s : shares_) s.coalescer.set_clock_floor(std::max<int64_t>(queue_empty_rt_ns_ - kClockSlackNs, 1));
   alignas(struct inotify_event) static thread_local std::array<char, kReadBuffer> buf;
   for (int reads = 0; reads < kMaxReadsPerDrain; ++reads) {
+    const int64_t before_read = realtime_ns();
     const ssize_t n = ::read(inotify_fd_, buf.data(), buf.size());
     if (n < 0) {
       if (errno == EINTR) continue;
-      if (errno != EAGAIN) log::warn("file watch: read inotify: {}", std::strerror(errno));
+      if (errno == EAGAIN) {
+        queue_empty_rt_ns_ = before_read;
+      } else {
+        log::warn("file watch: read inotify: {}", std::strerror(errno));
+      }
       break;
     }
     if (n == 0) break;

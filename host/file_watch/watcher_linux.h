@@ -83,6 +83,7 @@ class InotifyWatcher final : public Watcher {
   WatcherCounters counters_;
   std::string last_error_;
   bool limit_logged_ = false;
+  int64_t queue_empty_rt_ns_ = 0;  // wall-clock time the inotify queue was last read empty
 };
 
 }  // namespace vbridge::file_watch

@@ -97,7 +97,8 @@ void build(flatbuffers::FlatBufferBuilder& b, ByteReader& in) {
       const bool full = in.u8() & 1;
       const auto added_v = b.CreateVector(added);
       const auto removed_v = in.u8() & 1 ? b.CreateVector(removed) : 0;
-      b.Finish(wire::CreateControl(b, wire::Message::Ports, wire::CreatePorts(b, added_v, removed_v, full).Union()));
+      b.Finish(wire::CreateControl(b, wire::Message::Ports,
+                                   wire::CreatePorts(b, added_v, removed_v, full).Union()));
       return;
     }
     case 1: {
@@ -108,8 +109,8 @@ void build(flatbuffers::FlatBufferBuilder& b, ByteReader& in) {
         const auto path = maybe_string(b, in);
         const auto old_path = maybe_string(b, in);
         const uint8_t bits = in.u8();
-        events.push_back(
-            wire::CreateFileEvent(b, kind, path.value_or(0), old_path.value_or(0), bits & 1, (bits & 2) != 0));
+        events.push_back(wire::CreateFileEvent(b, kind, path.value_or(0), old_path.value_or(0), bits & 1,
+                                               (bits & 2) != 0));
       }
       const auto events_v = b.CreateVector(events);
       const uint64_t seq = in.u32();

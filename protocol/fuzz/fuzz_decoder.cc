@@ -155,8 +155,9 @@ class App final : public MuxHandler {
       const auto state = mux->stream_state(id);
       FUZZ_CHECK(state.has_value() && *state != StreamState::kClosed);
       if (!s.local && !s.accepted) FUZZ_CHECK(*state == StreamState::kAccepting);
-      if (s.fin) FUZZ_CHECK(*state == StreamState::kHalfClosedRemote || *state == StreamState::kAccepting ||
-                            *state == StreamState::kOpening);
+      if (s.fin)
+        FUZZ_CHECK(*state == StreamState::kHalfClosedRemote || *state == StreamState::kAccepting ||
+                   *state == StreamState::kOpening);
       peer += !s.local;
     }
     FUZZ_CHECK(peer <= config_.max_streams);
@@ -164,9 +165,7 @@ class App final : public MuxHandler {
     FUZZ_CHECK(mux->counters().bytes_in == bytes_delivered);
   }
 
-  void release_all() {
-    held.clear();
-  }
+  void release_all() { held.clear(); }
 
  private:
   void accept(StreamId id) {

@@ -25,12 +25,14 @@ volatile uint64_t g_sink;
 
 constexpr uint64_t kByteBudget = 2 << 20;  // bytes the applications may send per input
 
+// The byte of stream `id` from `side` at `offset`. The per-byte loops carry no coverage instrumentation: it
+// would dominate the run time and tell nothing.
 __attribute__((no_sanitize("coverage"))) uint8_t pattern(int side, StreamId id, uint64_t offset) {
   return static_cast<uint8_t>(((offset * 0x9E37) >> 7) ^ offset ^ (offset >> 9) ^ (id * 13) ^ (side * 101));
 }
 
-// The per-byte loops carry no coverage instrumentation: it would dominate the run time and tell nothing.
-__attribute__((no_sanitize("coverage"))) void fill(std::byte* p, size_t n, int side, StreamId id, uint64_t offset) {
+__attribute__((no_sanitize("coverage"))) void fill(std::byte* p, size_t n, int side, StreamId id,
+                                                   uint64_t offset) {
   for (size_t k = 0; k < n; ++k) p[k] = std::byte{pattern(side, id, offset + k)};
 }
 
@@ -54,8 +56,8 @@ struct Rec {
   bool answered = false;  // local: OpenOk arrived; peer: accept() was called
   bool shut = false;
   bool fin_seen = false;
-  bool blocked = false;   // the application waits for on_writable
-  uint64_t backlog = 0;   // bytes the application still wants to send
+  bool blocked = false;  // the application waits for on_writable
+  uint64_t backlog = 0;  // bytes the application still wants to send
   uint64_t received = 0;
   uint64_t unconsumed = 0;
   std::vector<Slice> held;  // received bytes not consumed yet
@@ -362,21 +364,11 @@ void App::check() const {
     const auto state = mux->stream_state(id);
     FUZZ_CHECK(state.has_value());
     switch (*state) {
-      case StreamState::kOpening:
-        FUZZ_CHECK(r.local && !r.answered);
-        break;
-      case StreamState::kAccepting:
-        FUZZ_CHECK(!r.local && !r.answered);
-        break;
-      case StreamState::kOpen:
-        FUZZ_CHECK(r.answered && !r.fin_seen);
-        break;
-      case StreamState::kHalfClosedLocal:
-        FUZZ_CHECK(r.answered && r.shut && !r.fin_seen);
-        break;
-      case StreamState::kHalfClosedRemote:
-        FUZZ_CHECK(r.answered && r.fin_seen);
-        break;
+      case StreamState::kOpening: FUZZ_CHECK(r.local && !r.answered); break;
+      case StreamState::kAccepting: FUZZ_CHECK(!r.local && !r.answered); break;
+      case StreamState::kOpen: FUZZ_CHECK(r.answered && !r.fin_seen); break;
+      case StreamState::kHalfClosedLocal: FUZZ_CHECK(r.answered && r.shut && !r.fin_seen); break;
+      case StreamState::kHalfClosedRemote: FUZZ_CHECK(r.answered && r.fin_seen); break;
       case StreamState::kClosed:
         FUZZ_CHECK(false);  // a closed stream is gone from the table as far as the application can tell
     }
@@ -394,8 +386,8 @@ void App::check_quiet() const {
 }
 
 size_t size_class(uint8_t arg) {
-  static constexpr size_t kSizes[] = {1, 7, 64, 100, 512, 1500, 4096, 16384, 65536, 100000, 262144, 300000,
-                                      1 << 20};
+  static constexpr size_t kSizes[] = {1,     7,     64,     100,    512,    1500,   4096,
+                                      16384, 65536, 100000, 262144, 300000, 1 << 20};
   return kSizes[arg % std::size(kSizes)];
 }
 
@@ -405,31 +397,21 @@ void run_op(World& w, ByteReader& in) {
   const int side = a & 1;
   App& app = w.app[side];
   switch (op % 12) {
-    case 0:
-      app.open(a >> 1);
-      break;
+    case 0: app.open(a >> 1); break;
     case 1: {
       const StreamId id = app.pick(in.u8());
       app.want(id, size_class(a >> 1));
       break;
     }
-    case 2:
-      app.shutdown(app.pick(a >> 1));
-      break;
-    case 3:
-      app.reset(app.pick(a >> 1));
-      break;
+    case 2: app.shutdown(app.pick(a >> 1)); break;
+    case 3: app.reset(app.pick(a >> 1)); break;
     case 4: {
       const StreamId id = app.pick(a >> 1);
       app.consume(id, size_class(in.u8()));
       break;
     }
-    case 5:
-      app.ping(in.u8());
-      break;
-    case 6:
-      w.mux[side]->goaway("fuzz goaway");
-      break;
+    case 5: app.ping(in.u8()); break;
+    case 6: w.mux[side]->goaway("fuzz goaway"); break;
     case 7: {
       // A partial transport write and a partial read, in chunks the input picks.
       const size_t limit = 1 + (size_t{in.u16()} << (a >> 5));
@@ -442,9 +424,7 @@ void run_op(World& w, ByteReader& in) {
       w.app[0].check_quiet();
       w.app[1].check_quiet();
       break;
-    case 9:
-      app.answer(app.pick(in.u8()), (a & 2) == 0);
-      break;
+    case 9: app.answer(app.pick(in.u8()), (a & 2) == 0); break;
     case 10:
       if (a & 2) app.auto_accept = !app.auto_accept;
       if (a & 4) app.auto_consume = !app.auto_consume;
@@ -454,18 +434,20 @@ void run_op(World& w, ByteReader& in) {
       if (a & 2) {
         std::vector<flatbuffers::Offset<wire::Listener>> added;
         for (int k = 0; k < (a >> 2); ++k) {
-          added.push_back(wire::CreateListener(b, wire::Proto::Tcp, wire::Family::Inet4, b.CreateString("127.0.0.1"),
-                                               static_cast<uint16_t>(8000 + k)));
+          added.push_back(wire::CreateListener(b, wire::Proto::Tcp, wire::Family::Inet4,
+                                               b.CreateString("127.0.0.1"), static_cast<uint16_t>(8000 + k)));
         }
         b.Finish(wire::CreateControl(b, wire::Message::Ports,
                                      wire::CreatePorts(b, b.CreateVector(added), 0, (a & 4) != 0).Union()));
       } else {
         std::vector<flatbuffers::Offset<wire::FileEvent>> events;
         for (int k = 0; k < (a >> 2); ++k) {
-          events.push_back(wire::CreateFileEvent(b, wire::FileEventKind::Modify, b.CreateString("dir/file"), 0, false));
+          events.push_back(
+              wire::CreateFileEvent(b, wire::FileEventKind::Modify, b.CreateString("dir/file"), 0, false));
         }
-        b.Finish(wire::CreateControl(b, wire::Message::FileEvents,
-                                     wire::CreateFileEvents(b, b.CreateString("share"), b.CreateVector(events)).Union()));
+        b.Finish(wire::CreateControl(
+            b, wire::Message::FileEvents,
+            wire::CreateFileEvents(b, b.CreateString("share"), b.CreateVector(events)).Union()));
       }
       w.mux[side]->send_control(b);
       break;

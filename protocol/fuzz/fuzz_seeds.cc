@@ -3,8 +3,8 @@
 // Usage: fuzz_seeds OUTDIR   (creates OUTDIR/<target>/<name>)
 #include <cstdio>
 #include <filesystem>
-#include <functional>
 #include <fstream>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -71,7 +71,8 @@ flatbuffers::FlatBufferBuilder ports_message() {
   std::vector<flatbuffers::Offset<wire::Listener>> removed{
       wire::CreateListener(b, wire::Proto::Tcp, wire::Family::Inet4, b.CreateString("127.0.0.1"), 3000)};
   b.Finish(wire::CreateControl(
-      b, wire::Message::Ports, wire::CreatePorts(b, b.CreateVector(added), b.CreateVector(removed), false).Union()));
+      b, wire::Message::Ports,
+      wire::CreatePorts(b, b.CreateVector(added), b.CreateVector(removed), false).Union()));
   return b;
 }
 
@@ -82,21 +83,25 @@ flatbuffers::FlatBufferBuilder file_events_message() {
       wire::CreateFileEvent(b, wire::FileEventKind::Rename, b.CreateString("b"), b.CreateString("a"), true),
       wire::CreateFileEvent(b, wire::FileEventKind::Delete, b.CreateString("tmp"), 0, true),
       wire::CreateFileEvent(b, wire::FileEventKind::Modify, b.CreateString(""), 0, true, true)};
-  b.Finish(wire::CreateControl(b, wire::Message::FileEvents,
-                               wire::CreateFileEvents(b, b.CreateString("home"), b.CreateVector(events), 3).Union()));
+  b.Finish(wire::CreateControl(
+      b, wire::Message::FileEvents,
+      wire::CreateFileEvents(b, b.CreateString("home"), b.CreateVector(events), 3).Union()));
   return b;
 }
 
 flatbuffers::FlatBufferBuilder stats_message() {
   flatbuffers::FlatBufferBuilder b;
-  std::vector<flatbuffers::Offset<wire::Counter>> counters{wire::CreateCounter(b, b.CreateString("frames_in"), 42)};
-  b.Finish(wire::CreateControl(b, wire::Message::Stats, wire::CreateStats(b, b.CreateVector(counters)).Union()));
+  std::vector<flatbuffers::Offset<wire::Counter>> counters{
+      wire::CreateCounter(b, b.CreateString("frames_in"), 42)};
+  b.Finish(
+      wire::CreateControl(b, wire::Message::Stats, wire::CreateStats(b, b.CreateVector(counters)).Union()));
   return b;
 }
 
 flatbuffers::FlatBufferBuilder goaway_message() {
   flatbuffers::FlatBufferBuilder b;
-  b.Finish(wire::CreateControl(b, wire::Message::GoAway, wire::CreateGoAway(b, 7, b.CreateString("bye")).Union()));
+  b.Finish(
+      wire::CreateControl(b, wire::Message::GoAway, wire::CreateGoAway(b, 7, b.CreateString("bye")).Union()));
   return b;
 }
 
@@ -121,7 +126,8 @@ void decoder_seeds() {
     Pair& p = t.p;
     for (int k = 0; k < 3; ++k) {
       const StreamId s = *p.host.open(testing::unix_target("/bulk"));
-      (void)p.host.send(s, testing::to_slice(p.pool, std::string(3000 + k * 1000, static_cast<char>('a' + k))));
+      (void)p.host.send(s,
+                        testing::to_slice(p.pool, std::string(3000 + k * 1000, static_cast<char>('a' + k))));
       if (k == 1) p.host.reset(s, "client went away");
     }
   });
@@ -165,7 +171,20 @@ void decoder_seeds() {
 
 // ---- fuzz_mux_pair: u8 flags | u16 seed | ops ----
 
-enum Op : uint8_t { kOpen, kSend, kShutdown, kReset, kConsume, kPing, kGoaway, kPump, kSettle, kAnswer, kToggle, kControl };
+enum Op : uint8_t {
+  kOpen,
+  kSend,
+  kShutdown,
+  kReset,
+  kConsume,
+  kPing,
+  kGoaway,
+  kPump,
+  kSettle,
+  kAnswer,
+  kToggle,
+  kControl
+};
 enum Size : uint8_t { k1, k7, k64, k100, k512, k1500, k4K, k16K, k64K, k100K, k256K, k300K, k1M };
 
 std::string ops(std::initializer_list<int> bytes) {
@@ -178,35 +197,72 @@ void pair_seeds() {
   const auto a = [](int side, int arg) { return side | (arg << 1); };
   // Open, exchange, close both ways.
   write("fuzz_mux_pair", "echo",
-        ops({0x00, 1, 0}) + ops({kOpen, a(0, 5), kSettle, 0, 255, kSend, a(0, k64), 0, kSend, a(1, k1500), 0,
-                                 kSettle, 0, 64, kShutdown, a(0, 0), kShutdown, a(1, 0), kSettle, 0, 255}));
+        ops({0x00, 1, 0}) + ops({kOpen,     a(0, 5), kSettle,     0,       255,     kSend, a(0, k64),
+                                 0,         kSend,   a(1, k1500), 0,       kSettle, 0,     64,
+                                 kShutdown, a(0, 0), kShutdown,   a(1, 0), kSettle, 0,     255}));
   // Bulk with small windows and frames, partial writes, a stalled reader.
   write("fuzz_mux_pair", "bulk_small_window",
         ops({0x01 | 0x02 | 0x04 | 0x08, 2, 0}) +
-            ops({kOpen, a(0, 1), kOpen, a(0, 2), kToggle, a(1, 2), kSend, a(0, k1M), 0, kSend, a(0, k300K), 1,
-                 kPump, a(0, 3), 0x10, 0x00, 7, kPump, a(1, 0), 0xff, 0x00, 3, kSettle, 0, 200, kConsume,
-                 a(1, 0), k16K, kToggle, a(1, 2), kSettle, 1, 255}));
+            ops({kOpen,   a(0, 1),     kOpen,   a(0, 2), kToggle, a(1, 2), kSend, a(0, k1M), 0,
+                 kSend,   a(0, k300K), 1,       kPump,   a(0, 3), 0x10,    0x00,  7,         kPump,
+                 a(1, 0), 0xff,        0x00,    3,       kSettle, 0,       200,   kConsume,  a(1, 0),
+                 k16K,    kToggle,     a(1, 2), kSettle, 1,       255}));
   // Resets and shutdowns from inside callbacks, with transport writes from callbacks.
   write("fuzz_mux_pair", "callbacks_act",
         ops({0x40 | 0x01, 3, 0}) +
-            ops({kOpen, a(0, 0), kOpen, a(1, 0), kSend, a(0, k100K), 0, kSend, a(1, k64K), 0, kSettle, 0, 16, kReset,
-                 a(0, 0), kSend, a(1, k4K), 1, kSettle, 0, 255}));
+            ops({kOpen, a(0, 0), kOpen,  a(1, 0), kSend, a(0, k100K), 0, kSend,   a(1, k64K), 0,  kSettle,
+                 0,     16,      kReset, a(0, 0), kSend, a(1, k4K),   1, kSettle, 0,          255}));
   // The connection-wide cap shared by two streams.
   write("fuzz_mux_pair", "max_buffered",
         ops({0x10 | 0x01, 4, 0}) +
-            ops({kOpen, a(0, 0), kOpen, a(0, 1), kSettle, 0, 255, kToggle, a(1, 2), kSend, a(0, k64K), 0, kSend,
-                 a(0, k64K), 1, kSettle, 0, 255, kConsume, a(1, 0), k64K, kSettle, 0, 255, kToggle, a(1, 2),
-                 kSettle, 0, 255}));
+            ops({kOpen, a(0, 0), kOpen,      a(0, 1), kSettle, 0, 255, kToggle,  a(1, 2), kSend, a(0, k64K),
+                 0,     kSend,   a(0, k64K), 1,       kSettle, 0, 255, kConsume, a(1, 0), k64K,  kSettle,
+                 0,     255,     kToggle,    a(1, 2), kSettle, 0, 255}));
   // Deferred answers, refusals, goaway, ping, control, few iovecs.
   write("fuzz_mux_pair", "answers",
-        ops({0x80 | 0x20, 5, 0}) +
-            ops({kToggle, a(1, 1), kOpen, a(0, 0), kOpen, a(0, 0), kOpen, a(0, 0), kOpen, a(0, 0), kSend, a(0, k512),
-                 0, kShutdown, a(0, 0), kSettle, 0, 255, kAnswer, a(1, 0), 0, kAnswer, a(1, 1), 1, kPing, 0, 9,
-                 kControl, a(1, 1 | 2 << 1), kControl, a(0, 2 << 1), kGoaway, 1, kOpen, a(0, 0), kSettle, 0, 3}));
+        ops({0x80 | 0x20, 5, 0}) + ops({kToggle,
+                                        a(1, 1),
+                                        kOpen,
+                                        a(0, 0),
+                                        kOpen,
+                                        a(0, 0),
+                                        kOpen,
+                                        a(0, 0),
+                                        kOpen,
+                                        a(0, 0),
+                                        kSend,
+                                        a(0, k512),
+                                        0,
+                                        kShutdown,
+                                        a(0, 0),
+                                        kSettle,
+                                        0,
+                                        255,
+                                        kAnswer,
+                                        a(1, 0),
+                                        0,
+                                        kAnswer,
+                                        a(1, 1),
+                                        1,
+                                        kPing,
+                                        0,
+                                        9,
+                                        kControl,
+                                        a(1, 1 | 2 << 1),
+                                        kControl,
+                                        a(0, 2 << 1),
+                                        kGoaway,
+                                        1,
+                                        kOpen,
+                                        a(0, 0),
+                                        kSettle,
+                                        0,
+                                        3}));
   // Data and FIN before the handshake finished.
   write("fuzz_mux_pair", "before_hello",
-        ops({0x00, 6, 0}) + ops({kOpen, a(0, 0), kSend, a(0, k4K), 0, kShutdown, a(0, 0), kPump, a(0, 0), 0x20, 0,
-                                 1, kPump, a(1, 0), 0xff, 0xff, 255, kSettle, 0, 255}));
+        ops({0x00, 6, 0}) +
+            ops({kOpen, a(0, 0), kSend, a(0, k4K), 0,    kShutdown, a(0, 0), kPump,   a(0, 0), 0x20,
+                 0,     1,       kPump, a(1, 0),   0xff, 0xff,      255,     kSettle, 0,       255}));
 }
 
 // ---- fuzz_control: u8 mode | u8 split | rest ----
@@ -222,7 +278,8 @@ void control_seeds() {
   {
     flatbuffers::FlatBufferBuilder b;
     wire::TargetT t = testing::unix_target("/x");
-    b.Finish(wire::CreateControl(b, wire::Message::Open, wire::CreateOpen(b, wire::Target::Pack(b, &t)).Union()));
+    b.Finish(
+        wire::CreateControl(b, wire::Message::Open, wire::CreateOpen(b, wire::Target::Pack(b, &t)).Union()));
     write("fuzz_control", "open_on_stream_1", raw(1, 20, str(b)));
   }
   {
@@ -232,14 +289,16 @@ void control_seeds() {
   }
   {
     flatbuffers::FlatBufferBuilder b;
-    b.Finish(wire::CreateControl(b, wire::Message::OpenFail,
-                                 wire::CreateOpenFail(b, 2, b.CreateString("No such file or directory")).Union()));
+    b.Finish(
+        wire::CreateControl(b, wire::Message::OpenFail,
+                            wire::CreateOpenFail(b, 2, b.CreateString("No such file or directory")).Union()));
     write("fuzz_control", "open_fail", raw(2, 30, str(b)));
   }
   // Built messages: kind, then the fields build() reads.
   write("fuzz_control", "build_ports",
-        raw(3, 0, ops({0, 2, 1, 1, 0, 9}) + "127.0.0.1" + ops({0x50, 0x1f, 0, 2, 1, 3}) + "::1" +
-                      ops({53, 0, 1, 1, 0, 1, 1})));
+        raw(3, 0,
+            ops({0, 2, 1, 1, 0, 9}) + "127.0.0.1" + ops({0x50, 0x1f, 0, 2, 1, 3}) + "::1" +
+                ops({53, 0, 1, 1, 0, 1, 1})));
   write("fuzz_control", "build_file_events",
         raw(3, 0, ops({1, 0, 4}) + "home" + ops({2, 3, 0, 5}) + "a/b/c" + ops({0, 3}) + "a/b" + ops({1})));
   write("fuzz_control", "build_stats", raw(3, 0, ops({2, 1, 9}) + "bytes_out" + ops({1, 2, 3, 4, 5})));

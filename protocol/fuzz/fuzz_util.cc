@@ -16,7 +16,9 @@ std::span<const std::byte> ByteReader::bytes(size_t n) {
 
 Slice GuardedFeed::slice(std::span<const std::byte> bytes) {
   FUZZ_CHECK(bytes.size() <= kMax);
-  BufferPool& pool = bytes.size() <= small_.block_size() ? small_ : bytes.size() <= medium_.block_size() ? medium_ : large_;
+  BufferPool& pool = bytes.size() <= small_.block_size()    ? small_
+                     : bytes.size() <= medium_.block_size() ? medium_
+                                                            : large_;
   Slice whole = pool.acquire();
   ASAN_UNPOISON_MEMORY_REGION(whole.data(), whole.size());  // a reused buffer is still poisoned
   const size_t head = whole.size() - bytes.size();
@@ -69,13 +71,11 @@ uint64_t walk_control(const wire::Control& control) {
   h = mix(h, static_cast<uint8_t>(type));
   h = mix(h, std::string_view(wire::EnumNameMessage(type)).size());
   switch (type) {
-    case wire::Message::NONE:
-      break;
+    case wire::Message::NONE: break;
     case wire::Message::Open:
       if (const auto* m = control.message_as_Open()) h = walk_target(h, m->target());
       break;
-    case wire::Message::OpenOk:
-      break;
+    case wire::Message::OpenOk: break;
     case wire::Message::OpenFail:
       if (const auto* m = control.message_as_OpenFail()) {
         h = mix(h, static_cast<uint32_t>(m->errno_value()));

@@ -12,12 +12,12 @@
 #include "protocol/control_generated.h"
 
 // A failed invariant: prints where and aborts, which libFuzzer reports as a crash.
-#define FUZZ_CHECK(...)                                                                          \
-  do {                                                                                           \
-    if (!(__VA_ARGS__)) {                                                                        \
+#define FUZZ_CHECK(...)                                                                        \
+  do {                                                                                         \
+    if (!(__VA_ARGS__)) {                                                                      \
       std::fprintf(stderr, "%s:%d: invariant failed: %s\n", __FILE__, __LINE__, #__VA_ARGS__); \
-      std::abort();                                                                              \
-    }                                                                                            \
+      std::abort();                                                                            \
+    }                                                                                          \
   } while (0)
 
 namespace vbridge::fuzz {
