@@ -4,9 +4,12 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <utility>
+
+#include "protocol/datagram.h"
 
 #include "protocol/log.h"
 
@@ -20,6 +23,11 @@ constexpr auto kAcceptRetry = std::chrono::milliseconds(100);   // accept failed
 constexpr auto kHardDeadline = std::chrono::milliseconds(1000); // cancelled operations must be back by then
 constexpr uint32_t kDrainTimer = 0;
 constexpr uint32_t kHardTimer = 1;
+constexpr auto kMinRescan = std::chrono::milliseconds(2);  // on-demand scans (an OPEN for an unseen port)
+// A scan happens at least this often even when the socket counts did not move (PortWatcher::may_have_changed).
+constexpr auto kFullScanEvery = std::chrono::milliseconds(500);
+// UDP replies and reassembled datagrams: a block takes a few maximal datagrams or many small ones.
+constexpr size_t kDatagramBlock = 256 * 1024;
 
 __kernel_timespec to_timespec(std::chrono::milliseconds d) {
   __kernel_timespec ts{};
@@ -29,6 +37,15 @@ __kernel_timespec to_timespec(std::chrono::milliseconds d) {
 }
 
 }  // namespace
+
+Result<ReverseUnix> parse_reverse_unix(std::string_view text) {
+  const size_t eq = text.rfind('=');
+  if (eq == std::string_view::npos || eq == 0 || eq + 1 == text.size() || text.front() != '/') {
+    return Error{ErrorCode::kConfig, EINVAL,
+                 fmt::format("--reverse-unix \"{}\": expected /GUEST/PATH.sock=NAME", text)};
+  }
+  return ReverseUnix{std::string(text.substr(0, eq)), std::string(text.substr(eq + 1))};
+}
 
 Result<std::unique_ptr<Agent>> Agent::create(AgentConfig config) {
   auto targets = TargetPolicy::create(config.targets);
@@ -50,7 +67,9 @@ Agent::Agent(AgentConfig config, TargetPolicy targets, std::unique_ptr<UringLoop
       // Free buffers kept for reuse beyond the ones the rings hold; more are returned to the allocator.
       pool_(config_.buffer_size, 64),
       loop_(std::move(loop)),
-      endpoint_(std::move(endpoint)) {}
+      endpoint_(std::move(endpoint)),
+      datagram_pool_(kDatagramBlock, 8),
+      datagram_arena_(datagram_pool_, kMaxDatagram + kDatagramPrefix) {}
 
 Status Agent::setup() {
   if (config_.buffer_rings) {
@@ -67,8 +86,22 @@ Status Agent::setup() {
     transport_buffers_ = ReadBuffers::plain(pool_);
     conn_buffers_ = ReadBuffers::plain(pool_);
   }
-  env_ = std::make_unique<SessionEnv>(
-      SessionEnv{*loop_, *transport_buffers_, *conn_buffers_, targets_, counters_, config_.mux});
+  env_ = std::make_unique<SessionEnv>(SessionEnv{*loop_, *transport_buffers_, *conn_buffers_, targets_, counters_,
+                                                  config_.mux, *this, datagram_pool_, datagram_arena_});
+
+  if (config_.ports.enabled) {
+    // The agent's own TCP transport is not a guest service.
+    std::set<uint16_t> own;
+    if (endpoint_.address().kind == Address::Kind::kTcp) own.insert(static_cast<uint16_t>(endpoint_.address().port));
+    watcher_ = std::make_unique<PortWatcher>(std::move(own));
+    scan_ports();  // a netlink failure shows at startup, not only at the first host connection
+  }
+  for (const ReverseUnix& r : config_.reverse_unix) {
+    auto endpoint = TransportEndpoint::open(Address{Address::Kind::kUnix, r.guest_path});
+    if (!endpoint) return Error{ErrorCode::kConfig, endpoint.error().errno_value,
+                                fmt::format("--reverse-unix {}={}: {}", r.guest_path, r.name, endpoint.error().message)};
+    reverse_.push_back(ReverseListener{r, std::move(*endpoint)});
+  }
 
   sigset_t mask;
   sigemptyset(&mask);
@@ -105,6 +138,13 @@ int Agent::run() {
   log::info("listening on {} ({}; {})", endpoint_.address().to_string(),
             transport_buffers_->uses_ring() ? "reads into provided-buffer rings" : "reads into per-read pool buffers",
             fmt::format("{} KiB buffers", config_.buffer_size / 1024));
+  if (watcher_) {
+    log::info("following guest ports: a NETLINK_SOCK_DIAG scan every {} ms ({} listener(s) now)",
+              config_.ports.interval.count(), watcher_->current().size());
+  }
+  for (const ReverseListener& r : reverse_) {
+    log::info("listening on {} for host target \"{}\"", r.config.guest_path, r.config.name);
+  }
   int status = 0;
   while (true) {
     arm_waiting_ops();
@@ -132,7 +172,21 @@ void Agent::dispatch(const io_uring_cqe& cqe) {
     case Op::kAccept: on_accept(cqe.res); return;
     case Op::kSignal: on_signal(cqe.res); return;
     case Op::kSerialProbe: on_serial_probe(cqe); return;
-    case Op::kRetryTimer: retry_pending_ = false; return;
+    case Op::kRetryTimer:
+      if (tag.slot == 0) {
+        retry_pending_ = false;
+      } else if (tag.slot <= reverse_.size()) {
+        reverse_[tag.slot - 1].retry_pending = false;
+      }
+      return;
+    case Op::kPortTimer:
+      port_timer_armed_ = false;
+      if (cqe.res == -ETIME && !stopping_ &&
+          (watcher_->may_have_changed() || std::chrono::steady_clock::now() - last_scan_ >= kFullScanEvery)) {
+        scan_ports();
+      }
+      return;
+    case Op::kReverseAccept: on_reverse_accept(tag.slot, cqe.res); return;
     case Op::kDrainTimer:
       // -ETIME: the timer fired; -ECANCELED: it was replaced.
       if (cqe.res == -ETIME) (tag.slot == kHardTimer ? hard_expired_ : drain_expired_) = true;
@@ -244,7 +298,13 @@ void Agent::on_signal(int res) {
 
 void Agent::arm_waiting_ops() {
   if (!signal_armed_) arm_signal();
-  if (stopping_ || retry_pending_) return;
+  if (stopping_) return;
+  // Scans matter only to a host: none while it is away (it gets a snapshot when it comes back).
+  if (watcher_ && !port_timer_armed_ && active_ && active_->host_ready()) arm_port_timer();
+  for (uint32_t i = 0; i < reverse_.size(); ++i) {
+    if (!reverse_[i].accepting && !reverse_[i].retry_pending) arm_reverse_accept(i);
+  }
+  if (retry_pending_) return;
   if (endpoint_.kind() == TransportKind::kListener) {
     if (!accepting_) arm_accept();
     return;
@@ -275,6 +335,19 @@ void Agent::arm_retry(std::chrono::milliseconds delay) {
   retry_pending_ = true;
 }
 
+void Agent::arm_port_timer() {
+  port_ts_ = to_timespec(config_.ports.interval);
+  io_uring_sqe* sqe = loop_->sqe(Tag{Op::kPortTimer, 0, 0});
+  io_uring_prep_timeout(sqe, &port_ts_, 0, 0);
+  port_timer_armed_ = true;
+}
+
+void Agent::arm_reverse_accept(uint32_t index) {
+  io_uring_sqe* sqe = loop_->sqe(Tag{Op::kReverseAccept, 0, index});
+  io_uring_prep_accept(sqe, reverse_[index].endpoint.fd(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+  reverse_[index].accepting = true;
+}
+
 void Agent::arm_signal() {
   io_uring_sqe* sqe = loop_->sqe(Tag{Op::kSignal, 0, 0});
   io_uring_prep_read(sqe, signal_fd_, &siginfo_, sizeof(siginfo_), 0);
@@ -285,6 +358,69 @@ void Agent::arm_timer(uint32_t which, std::chrono::milliseconds delay) {
   timer_ts_[which] = to_timespec(delay);
   io_uring_sqe* sqe = loop_->sqe(Tag{Op::kDrainTimer, 0, which});
   io_uring_prep_timeout(sqe, &timer_ts_[which], 0, 0);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Ports and reverse unix sockets
+
+void Agent::scan_ports() {
+  last_scan_ = std::chrono::steady_clock::now();
+  ++counters_.port_scans;
+  auto diff = watcher_->poll();
+  if (!diff) {
+    ++counters_.port_scan_errors;
+    if (diff.error().errno_value != last_scan_error_) {
+      log::warn("port scan failed: {}; retrying every {} ms", diff.error().to_string(), config_.ports.interval.count());
+    }
+    last_scan_error_ = diff.error().errno_value;
+    return;
+  }
+  if (last_scan_error_ != 0) log::info("port scans work again");
+  last_scan_error_ = 0;
+  if (!diff->empty() && active_ && active_->host_ready()) active_->send_ports(*diff, config_.ports.max_per_message);
+}
+
+void Agent::host_ready(Session& session) {
+  if (!watcher_) return;
+  // The snapshot replaces whatever the host knew; a scan that fails now leaves the next one a snapshot.
+  watcher_->reset();
+  last_scan_ = std::chrono::steady_clock::now();
+  ++counters_.port_scans;
+  auto snapshot = watcher_->poll();
+  if (!snapshot) {
+    ++counters_.port_scan_errors;
+    log::warn("port scan failed: {}", snapshot.error().to_string());
+    return;
+  }
+  session.send_ports(*snapshot, config_.ports.max_per_message);
+}
+
+const std::set<PortEntry>* Agent::guest_listeners(bool rescan) {
+  if (!watcher_) return nullptr;
+  if (rescan && std::chrono::steady_clock::now() - last_scan_ >= kMinRescan) scan_ports();
+  return &watcher_->current();
+}
+
+void Agent::on_reverse_accept(uint32_t index, int res) {
+  ReverseListener& r = reverse_.at(index);
+  r.accepting = false;
+  if (res < 0) {
+    if (res == -ECANCELED || res == -EINTR || res == -ECONNABORTED) return;
+    ++counters_.accept_errors;
+    log::warn("accept on {}: {}", r.config.guest_path, std::strerror(-res));
+    r.retry_ts = to_timespec(kAcceptRetry);
+    io_uring_sqe* sqe = loop_->sqe(Tag{Op::kRetryTimer, 0, index + 1});
+    io_uring_prep_timeout(sqe, &r.retry_ts, 0, 0);
+    r.retry_pending = true;
+    return;
+  }
+  if (stopping_ || !active_ || !active_->host_ready()) {
+    ++counters_.reverse_refused;
+    log::warn("client of {} turned away: no host connected", r.config.guest_path);
+    ::close(res);
+    return;
+  }
+  active_->open_reverse(res, r.config.name, r.config.guest_path);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -329,6 +465,11 @@ void Agent::begin_drain() {
   if (accepting_) loop_->cancel(Tag{Op::kAccept, 0, 0});
   if (probing_) loop_->cancel(Tag{Op::kSerialProbe, 0, 0});
   if (retry_pending_) loop_->cancel(Tag{Op::kRetryTimer, 0, 0});
+  if (port_timer_armed_) loop_->cancel(Tag{Op::kPortTimer, 0, 0});
+  for (uint32_t i = 0; i < reverse_.size(); ++i) {
+    if (reverse_[i].accepting) loop_->cancel(Tag{Op::kReverseAccept, 0, i});
+    if (reverse_[i].retry_pending) loop_->cancel(Tag{Op::kRetryTimer, 0, i + 1});
+  }
   if (active_) active_->goaway("guest agent is shutting down");
   arm_timer(kDrainTimer, config_.drain_timeout);
 }
@@ -346,7 +487,10 @@ bool Agent::shutdown_step() {
     if (!drain_expired_) loop_->cancel(Tag{Op::kDrainTimer, 0, kDrainTimer});
     arm_timer(kHardTimer, kHardDeadline);
   }
-  if (retiring_.empty() && !probing_ && !accepting_) return true;
+  const bool reverse_busy = std::any_of(reverse_.begin(), reverse_.end(), [](const ReverseListener& r) {
+    return r.accepting;
+  });
+  if (retiring_.empty() && !probing_ && !accepting_ && !port_timer_armed_ && !reverse_busy) return true;
   if (hard_expired_) {
     log::warn("exiting with {} host connection(s) still cancelling operations", retiring_.size());
     return true;

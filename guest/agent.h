@@ -5,8 +5,9 @@
 // Each loop iteration: queue SQEs for whatever became ready (Session::flush), submit them all with one
 // io_uring_submit_and_wait, then handle every completion through one switch (dispatch).
 //
-// Ports: a TIMEOUT every `ports.interval` runs one NETLINK_SOCK_DIAG scan (PortWatcher); a change goes to
-// the host as a PORTS diff, and each host connection starts with a full snapshot once its handshake is done.
+// Ports: while a host is connected, a TIMEOUT every `ports.interval` runs one NETLINK_SOCK_DIAG scan
+// (PortWatcher) when the socket counts moved, and every 500 ms regardless; a change goes to the host as a
+// PORTS diff, and each host connection starts with a full snapshot once its handshake is done.
 // Reverse unix sockets (--reverse-unix) are listened on here for the agent's whole life; each client gets
 // a guest-opened stream on the current host connection.
 #pragma once

@@ -15,6 +15,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -30,6 +31,7 @@
 #include <thread>
 #include <vector>
 
+#include "protocol/datagram.h"
 #include "protocol/frame.h"
 #include "protocol/mux.h"
 
@@ -375,6 +377,14 @@ class HostPeer final : public MuxHandler {
     t.port = port;
     return open(t);
   }
+  StreamId open_udp(uint16_t port) {
+    wire::TargetT t;
+    t.proto = wire::Proto::Udp;
+    t.family = wire::Family::Inet4;
+    t.host = "127.0.0.1";
+    t.port = port;
+    return open(t);
+  }
 
   void send_text(StreamId id, const std::string& text) {
     Slice s = pool_.acquire();
@@ -407,7 +417,16 @@ class HostPeer final : public MuxHandler {
 
   // MuxHandler
   void on_ready(const Hello&) override {}
-  void on_open(StreamId id, const wire::Target&) override { mux_.reject(id, EPERM, "host test refuses"); }
+  void on_open(StreamId id, const wire::Target& target) override {
+    if (!accept_opens) {
+      mux_.reject(id, EPERM, "host test refuses");
+      ++refused_opens;
+      return;
+    }
+    mux_.accept(id);
+    guest_opened.emplace_back(id, target.path() != nullptr ? target.path()->str() : std::string());
+    streams_[id];
+  }
   void on_open_result(StreamId id, const Error* error) override {
     StreamRecord& r = streams_[id];
     if (error == nullptr) {
@@ -432,7 +451,38 @@ class HostPeer final : public MuxHandler {
   }
   void on_writable(StreamId) override {}
   void on_closed(StreamId id) override { streams_[id].closed = true; }
-  void on_control(const wire::Control&) override {}
+  void on_control(const wire::Control& message) override {
+    const wire::Ports* ports = message.message_as_Ports();
+    if (ports == nullptr) return;
+    ++ports_messages;
+    if (ports->full()) {
+      listeners.clear();
+      ++snapshots;
+    }
+    const auto key = [](const wire::Listener* l) {
+      return std::tuple{l->proto(), l->family(), l->address() != nullptr ? l->address()->str() : "", l->port()};
+    };
+    if (ports->removed() != nullptr) {
+      for (const auto* l : *ports->removed()) listeners.erase(key(l));
+    }
+    if (ports->added() != nullptr) {
+      for (const auto* l : *ports->added()) listeners.insert(key(l));
+    }
+  }
+  bool listening(wire::Proto proto, uint16_t port) const {
+    return std::any_of(listeners.begin(), listeners.end(),
+                       [&](const auto& l) { return std::get<0>(l) == proto && std::get<3>(l) == port; });
+  }
+
+  // Guest-opened streams: accepted when accept_opens, else refused.
+  bool accept_opens = false;
+  int refused_opens = 0;
+  std::vector<std::pair<StreamId, std::string>> guest_opened;  // id, target path
+  // The guest's listeners as PORTS messages told.
+  std::set<std::tuple<wire::Proto, wire::Family, std::string, uint16_t>> listeners;
+  int ports_messages = 0;
+  int snapshots = 0;
+
   void on_goaway(const std::string& message) override { goaway_ = message; }
   void on_pong(uint64_t) override {}
 
@@ -644,11 +694,16 @@ TEST_P(GuestAgent, MissingSocketFailsWithEnoentNamingThePath) {
 }
 
 TEST_P(GuestAgent, DisallowedTargetsFailWithEaccesNamingTheFlag) {
+  uint16_t closed_port = 0;
+  {
+    // A port that was just free: nothing listens there now, so following ports does not allow it.
+    auto temp = Server::tcp_loopback(hang_up, &closed_port);
+  }
   start();
   auto host = connect();
   const StreamId path = host->open_unix("/etc/not-allowed.sock");
   const StreamId name = host->open_unix("unknown-name");
-  const StreamId port = host->open_tcp(22);
+  const StreamId port = host->open_tcp(closed_port);
   ASSERT_TRUE(host->pump_until([&] {
     return host->stream(path).open_fail && host->stream(name).open_fail && host->stream(port).open_fail;
   })) << agent_->log();
@@ -681,6 +736,147 @@ TEST_P(GuestAgent, LoopbackTcpPortWithAllowPorts) {
   EXPECT_EQ(host->stream(refused).error_errno, ECONNREFUSED);
   EXPECT_NE(host->stream(refused).message.find("guest port"), std::string::npos);
   agent_.reset();
+}
+
+// A UDP socket on 127.0.0.1 that sends every datagram back to its sender, until destroyed.
+class UdpEcho {
+ public:
+  UdpEcho() {
+    fd_ = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    sockaddr_in sin{};
+    sin.sin_family = AF_INET;
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    EXPECT_EQ(bind(fd_, reinterpret_cast<sockaddr*>(&sin), sizeof(sin)), 0);
+    socklen_t len = sizeof(sin);
+    getsockname(fd_, reinterpret_cast<sockaddr*>(&sin), &len);
+    port_ = ntohs(sin.sin_port);
+    EXPECT_EQ(pipe2(stop_, O_CLOEXEC), 0);
+    thread_ = std::thread([this] {
+      std::vector<char> buf(70000);
+      while (true) {
+        pollfd p[2] = {{fd_, POLLIN, 0}, {stop_[0], POLLIN, 0}};
+        if (poll(p, 2, -1) < 0) continue;
+        if (p[1].revents != 0) return;
+        sockaddr_storage from{};
+        socklen_t from_len = sizeof(from);
+        const ssize_t n = recvfrom(fd_, buf.data(), buf.size(), 0, reinterpret_cast<sockaddr*>(&from), &from_len);
+        if (n >= 0) sendto(fd_, buf.data(), static_cast<size_t>(n), 0, reinterpret_cast<sockaddr*>(&from), from_len);
+      }
+    });
+  }
+  ~UdpEcho() {
+    (void)!write(stop_[1], "x", 1);
+    thread_.join();
+    close(fd_);
+    close(stop_[0]);
+    close(stop_[1]);
+  }
+  uint16_t port() const { return port_; }
+
+ private:
+  int fd_ = -1;
+  uint16_t port_ = 0;
+  int stop_[2] = {-1, -1};
+  std::thread thread_;
+};
+
+std::string datagram_record(const std::string& payload) {
+  std::string out(kDatagramPrefix, '\0');
+  encode_datagram_prefix(reinterpret_cast<std::byte*>(out.data()), static_cast<uint32_t>(payload.size()));
+  return out + payload;
+}
+
+TEST_P(GuestAgent, PortsSnapshotAfterHandshakeThenDiffsAndListenedPortsNeedNoFlag) {
+  start();
+  auto host = connect();
+  ASSERT_TRUE(host->pump_until([&] { return host->snapshots == 1; })) << agent_->log();
+  uint16_t port = 0;
+  auto server = Server::tcp_loopback(echo, &port);
+  ASSERT_TRUE(host->pump_until([&] { return host->listening(wire::Proto::Tcp, port); }, milliseconds(2000)))
+      << agent_->log();
+  // Following ports: a port the guest listens on may be dialled without --allow-ports.
+  const StreamId id = host->open_tcp(port);
+  host->send_text(id, "followed");
+  host->mux().shutdown_write(id);
+  ASSERT_TRUE(host->pump_until([&] { return host->stream(id).closed; })) << agent_->log();
+  EXPECT_EQ(host->stream(id).data, "followed");
+  server.reset();
+  ASSERT_TRUE(host->pump_until([&] { return !host->listening(wire::Proto::Tcp, port); }, milliseconds(2000)))
+      << agent_->log();
+  EXPECT_EQ(host->snapshots, 1);
+}
+
+TEST_P(GuestAgent, NoPortsSendsNoPortsMessages) {
+  start({"--no-ports"});
+  auto host = connect();
+  expect_echo(*host, "no ports");
+  EXPECT_EQ(host->ports_messages, 0);
+}
+
+TEST_P(GuestAgent, UdpFlowKeepsDatagramBoundariesAndOrder) {
+  UdpEcho udp;  // bound just now: the agent finds it with a scan of its own when the OPEN arrives
+  start();
+  auto host = connect();
+  const StreamId id = host->open_udp(udp.port());
+  std::string sent;
+  for (const size_t size : {size_t{1}, size_t{0}, size_t{1400}, size_t{9000}, size_t{65000}}) {
+    sent += datagram_record(std::string(size, static_cast<char>('a' + size % 26)));
+  }
+  // Records split at arbitrary points on the way: the guest reassembles them.
+  host->send_text(id, sent.substr(0, 3));
+  host->send_text(id, sent.substr(3, 20000));
+  host->send_text(id, sent.substr(20003));
+  ASSERT_TRUE(host->pump_until([&] { return host->stream(id).data.size() == sent.size(); })) << agent_->log();
+  EXPECT_TRUE(host->stream(id).data == sent);
+  EXPECT_TRUE(host->stream(id).open_ok);
+  // The host ends a flow with RST; the guest closes its socket.
+  host->mux().reset(id, "UDP flow idle");
+  ASSERT_TRUE(host->pump_until([&] { return agent_->log().find("reset by host") != std::string::npos; }));
+}
+
+TEST_P(GuestAgent, ReverseUnixClientGetsAGuestOpenedStreamWithHalfCloseBothWays) {
+  const std::string path = dir_.file("reverse.sock");
+  start({"--reverse-unix", path + "=host-app"});
+  auto host = connect();
+  host->accept_opens = true;
+  ASSERT_TRUE(host->pump_until([&] { return host->snapshots == 1; })) << agent_->log();
+  const int client = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un sun{};
+  sun.sun_family = AF_UNIX;
+  std::strncpy(sun.sun_path, path.c_str(), sizeof(sun.sun_path) - 1);
+  ASSERT_EQ(::connect(client, reinterpret_cast<sockaddr*>(&sun), sizeof(sun)), 0);
+  ASSERT_TRUE(write_all(client, "from the guest", 14));
+  shutdown(client, SHUT_WR);
+  ASSERT_TRUE(host->pump_until([&] {
+    return !host->guest_opened.empty() && host->stream(host->guest_opened[0].first).fin;
+  })) << agent_->log();
+  const StreamId id = host->guest_opened[0].first;
+  EXPECT_EQ(id % 2, 0u);  // guest-opened ids are even
+  EXPECT_EQ(host->guest_opened[0].second, "host-app");
+  EXPECT_EQ(host->stream(id).data, "from the guest");
+  // The guest client half-closed; the host still answers, then closes its side too.
+  host->send_text(id, "from the host");
+  host->mux().shutdown_write(id);
+  ASSERT_TRUE(host->pump_until([&] { return host->stream(id).closed; })) << agent_->log();
+  std::string got;
+  char buf[256];
+  ssize_t n;
+  while ((n = read(client, buf, sizeof(buf))) > 0) got.append(buf, static_cast<size_t>(n));
+  EXPECT_EQ(got, "from the host");
+  close(client);
+
+  // A host that refuses the name: the client sees its connection end.
+  host->accept_opens = false;
+  const int refused = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ASSERT_EQ(::connect(refused, reinterpret_cast<sockaddr*>(&sun), sizeof(sun)), 0);
+  ASSERT_TRUE(host->pump_until([&] { return host->refused_opens == 1; })) << agent_->log();
+  bool ended = false;
+  ASSERT_TRUE(host->pump_until([&] {
+    const ssize_t r = recv(refused, buf, sizeof(buf), MSG_DONTWAIT);
+    ended = r == 0 || (r < 0 && errno != EAGAIN);
+    return ended;
+  }));
+  close(refused);
 }
 
 std::string hello_frame(uint16_t version) {

@@ -13,12 +13,16 @@ int main(int argc, char** argv) {
   using namespace vbridge;
   CLI::App app{
       "vbridge guest agent: runs inside the VM, waits for the host agent on one transport and connects the host's\n"
-      "streams to guest sockets (the Docker API socket, named unix sockets, loopback ports)."};
+      "streams to guest sockets (the Docker API socket, named unix sockets, loopback ports). Tells the host which\n"
+      "TCP and UDP ports guest programs listen on, so the host can forward them."};
   std::string listen;
   std::string docker_socket = guest::kDefaultDockerSocket;
   std::vector<std::string> forwards;
   std::vector<std::string> allow_unix;
   bool allow_ports = false;
+  bool no_ports = false;
+  unsigned port_poll_ms = 20;
+  std::vector<std::string> reverse_unix;
   std::string log_level = "info";
   double drain_seconds = 2.0;
   bool no_buffer_ring = false;
@@ -38,8 +42,20 @@ int main(int argc, char** argv) {
                  "Allow the host to open this absolute unix socket path directly (repeatable); other paths are "
                  "refused with EACCES");
   app.add_flag("--allow-ports", allow_ports,
-               "Allow the host to open TCP connections to guest loopback ports (127.0.0.1, ::1), as port forwards "
-               "need; off by default");
+               "Allow the host to open TCP and UDP flows to any guest loopback port (127.0.0.1, ::1), listened on "
+               "or not, as static forwards (vbridge-host -p) of ports that appear later need. Without it only ports "
+               "the port watcher reports a guest listener on may be dialled");
+  app.add_flag("--no-ports", no_ports,
+               "Do not watch the guest's listening TCP and UDP sockets (no PORTS messages to the host; only "
+               "--allow-ports then allows port targets)");
+  app.add_option("--port-poll-ms", port_poll_ms,
+                 "Milliseconds between two scans of the guest's listening sockets (NETLINK_SOCK_DIAG); a new "
+                 "listener reaches the host within about this long")
+      ->check(CLI::Range(1u, 60000u))
+      ->capture_default_str();
+  app.add_option("--reverse-unix", reverse_unix,
+                 "/GUEST/PATH.sock=NAME: listen on this guest unix socket and carry each client to the host's "
+                 "target NAME (vbridge-host --expose-unix NAME=/host/path.sock) (repeatable)");
   app.add_option("--log-level", log_level, "Log verbosity: debug, info, warn or error")
       ->check(CLI::IsMember({"debug", "info", "warn", "error"}))
       ->capture_default_str();
@@ -81,6 +97,16 @@ int main(int argc, char** argv) {
   }
   config.targets.allow_unix.insert(allow_unix.begin(), allow_unix.end());
   config.targets.allow_ports = allow_ports;
+  config.ports.enabled = !no_ports;
+  config.ports.interval = std::chrono::milliseconds(port_poll_ms);
+  for (const auto& text : reverse_unix) {
+    auto reverse = guest::parse_reverse_unix(text);
+    if (!reverse) {
+      log::error("{}", reverse.error().message);
+      return 2;
+    }
+    config.reverse_unix.push_back(std::move(*reverse));
+  }
   config.drain_timeout = std::chrono::milliseconds(static_cast<int64_t>(drain_seconds * 1000));
   config.buffer_rings = !no_buffer_ring;
   config.buffer_size = buffer_kib * 1024;

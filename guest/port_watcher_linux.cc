@@ -6,11 +6,13 @@
 #include <linux/sock_diag.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <fcntl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 
 #include <fmt/format.h>
@@ -85,9 +87,50 @@ Result<std::set<PortEntry>> scan_listeners(const NetlinkSocket& nl) {
   return out;
 }
 
+SocketCounts::SocketCounts()
+    : v4_(::open("/proc/net/sockstat", O_RDONLY | O_CLOEXEC)), v6_(::open("/proc/net/sockstat6", O_RDONLY | O_CLOEXEC)) {}
+
+SocketCounts::~SocketCounts() {
+  if (v4_ >= 0) ::close(v4_);
+  if (v6_ >= 0) ::close(v6_);
+}
+
+std::optional<SocketCounts::Counts> SocketCounts::read() const {
+  // Lines look like "TCP: inuse 3 orphan 0 tw 0 alloc 5 mem 1" and "UDP6: inuse 1".
+  const auto inuse = [](int fd, const char* tcp, const char* udp, uint64_t& tcp_out, uint64_t& udp_out) {
+    char text[1024];
+    const ssize_t n = fd < 0 ? -1 : ::pread(fd, text, sizeof text - 1, 0);
+    if (n <= 0) return false;
+    text[n] = '\0';
+    const auto find = [&](const char* label, uint64_t& out) {
+      const char* at = std::strstr(text, label);
+      if (at != nullptr) out = std::strtoull(at + std::strlen(label), nullptr, 10);
+    };
+    find(tcp, tcp_out);
+    find(udp, udp_out);
+    return true;
+  };
+  Counts c{};
+  if (!inuse(v4_, "\nTCP: inuse ", "\nUDP: inuse ", c[0], c[1])) return std::nullopt;
+  inuse(v6_, "TCP6: inuse ", "\nUDP6: inuse ", c[2], c[3]);
+  return c;
+}
+
+bool PortWatcher::may_have_changed() const {
+  if (need_full_ || !scanned_counts_) return true;
+  const auto now = counts_.read();
+  return !now || *now != *scanned_counts_;
+}
+
 Result<PortDiff> PortWatcher::poll() {
+  // Counted before the dumps: a socket that changes between the two moves the counts past these, so the
+  // next check scans again.
+  scanned_counts_ = counts_.read();
   auto scanned = scan_listeners(netlink_);
-  if (!scanned) return scanned.error();
+  if (!scanned) {
+    scanned_counts_.reset();  // the next check scans again
+    return scanned.error();
+  }
   ++scans_;
   std::set<PortEntry> now;
   for (const PortEntry& e : *scanned) {

@@ -3,10 +3,15 @@
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <net/if.h>
+#include <sched.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstring>
 
 namespace vbridge::guest {
 namespace {
@@ -100,6 +105,43 @@ TEST(PortWatcher, ResetGivesAFullSnapshotAndExcludedPortsStayHidden) {
   ASSERT_TRUE(watcher.poll()->empty());
   watcher.reset();
   EXPECT_TRUE(watcher.poll()->full);
+}
+
+// The count check runs in a network namespace of its own, where no other process opens sockets meanwhile.
+TEST(PortWatcher, ScansOnlyWhenSocketCountsMoved) {
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    if (unshare(CLONE_NEWNET) != 0) _exit(77);
+    // Loopback comes up with its addresses only once set up.
+    const int s = ::socket(AF_INET, SOCK_DGRAM, 0);
+    ifreq ifr{};
+    std::strcpy(ifr.ifr_name, "lo");
+    ioctl(s, SIOCGIFFLAGS, &ifr);
+    ifr.ifr_flags |= IFF_UP;
+    if (ioctl(s, SIOCSIFFLAGS, &ifr) != 0) _exit(77);
+    ::close(s);
+    PortWatcher watcher;
+    int code = 0;
+    if (!watcher.may_have_changed()) code |= 1;  // before the first scan: a snapshot is due
+    if (!watcher.poll().ok()) code |= 2;
+    if (watcher.may_have_changed()) code |= 4;    // nothing moved since
+    BoundSocket udp(AF_INET, SOCK_DGRAM);
+    if (!watcher.may_have_changed()) code |= 8;   // a bound UDP socket moves the counts
+    if (!watcher.poll().ok() || watcher.may_have_changed()) code |= 16;
+    BoundSocket tcp(AF_INET6, SOCK_STREAM);
+    if (!watcher.may_have_changed()) code |= 32;  // so does a TCP listener
+    watcher.reset();
+    (void)watcher.poll();
+    tcp.close();
+    if (!watcher.may_have_changed()) code |= 64;  // and its going away
+    _exit(code);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  if (WEXITSTATUS(status) == 77) GTEST_SKIP() << "cannot create a network namespace (needs CAP_SYS_ADMIN)";
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "failed checks, as bits: " << WEXITSTATUS(status);
 }
 
 TEST(PortWatcher, BuildsAPortsMessage) {

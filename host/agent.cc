@@ -37,6 +37,8 @@ Status Agent::start() {
     log::info("listening on {} for guest target {}", forward.host_path, forward.guest_target);
     listeners_.push_back(std::move(*listener));
   }
+  exposed_ = std::make_unique<ExposedUnix>(loop_, client_arena_, config_.exposed_unix);
+  for (const auto& [name, path] : config_.exposed_unix) log::info("guest may open host socket {} as \"{}\"", path, name);
   ports_ = std::make_unique<PortForwards>(
       loop_, pool_, config_.ports,
       [this](UniqueFd client, BridgeOptions options) { accept_client(std::move(client), std::move(options)); },
@@ -130,6 +132,14 @@ void Agent::on_control(const wire::Control& message) {
     default:
       log::debug("control message {} from the guest", wire::EnumNameMessage(message.message_type()));
   }
+}
+
+StreamSink* Agent::on_stream_open(Session& session, StreamId id, const wire::Target& target) {
+  if (stopping_ || !exposed_) {
+    session.mux().reject(id, ECONNREFUSED, "host agent is stopping");
+    return nullptr;
+  }
+  return exposed_->open(session, id, target);
 }
 
 void Agent::accept_client(UniqueFd client, BridgeOptions options) {
@@ -227,6 +237,7 @@ std::string Agent::status_json() const {
   }
   j["forwards"] = forwards;
   j["ports"] = ports_ ? ports_->status() : nlohmann::json::array();
+  if (exposed_) j["exposed"] = exposed_->status();
   return j.dump();
 }
 

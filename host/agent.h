@@ -6,11 +6,13 @@
 
 #include <chrono>
 #include <deque>
+#include <map>
 #include <memory>
 #include <string>
 #include <unordered_map>
 #include <vector>
 
+#include "host/exposed_unix.h"
 #include "host/listener.h"
 #include "host/port_forwards.h"
 #include "host/session.h"
@@ -41,6 +43,7 @@ struct AgentConfig {
   std::string instance = "default";
   std::string status_path;
   std::vector<UnixForward> unix_forwards;
+  std::map<std::string, std::string> exposed_unix;  // NAME → host socket path the guest may open
   MuxConfig mux;
   int connect_timeout_ms = 2000;
   int pending_timeout_ms = 5000;   // how long a client waits for the transport before an error
@@ -67,6 +70,9 @@ class Agent final : public SessionObserver, public BridgeOwner {
   void on_session_ready(const Hello& peer) override;
   void on_session_lost(const Error& error) override;
   void on_control(const wire::Control& message) override;
+  // A stream the guest opened (Session::on_open): a client of a guest --reverse-unix socket, for a host
+  // socket exposed with --expose-unix. Returns its sink, or null after refusing it.
+  StreamSink* on_stream_open(Session& session, StreamId id, const wire::Target& target);
   // BridgeOwner
   void bridge_done(SocketBridge* bridge) override;
 
@@ -93,6 +99,7 @@ class Agent final : public SessionObserver, public BridgeOwner {
   bool stopping_ = false;
   std::vector<std::unique_ptr<Listener>> listeners_;
   std::unique_ptr<PortForwards> ports_;
+  std::unique_ptr<ExposedUnix> exposed_;
   std::unordered_map<SocketBridge*, std::unique_ptr<SocketBridge>> bridges_;
   std::vector<SocketBridge*> finished_;
   std::deque<Pending> pending_;

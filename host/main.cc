@@ -69,6 +69,7 @@ int main(int argc, char** argv) {
   std::string docker_context;
   bool no_docker_context = false;
   std::vector<std::string> forwards;
+  std::vector<std::string> exposed;
   std::string status_sock;
   std::string log_level = "info";
   uint32_t window_kib = 4096;
@@ -102,6 +103,9 @@ int main(int argc, char** argv) {
   app.add_option("-L,--forward-unix", forwards,
                  "Extra unix socket forward HOST_PATH=GUEST_TARGET (repeatable); GUEST_TARGET is a name the guest "
                  "agent maps or an absolute guest path it allows");
+  app.add_option("--expose-unix", exposed,
+                 "Let the guest reach a host unix socket: NAME=/host/path.sock (repeatable). The guest agent's "
+                 "--reverse-unix /guest/path.sock=NAME carries its clients here; other names are refused");
   app.add_option("-p,--publish", publish,
                  "Static port forward [HOSTADDR:]HOSTPORT:GUESTPORT[/udp] (repeatable), kept whatever the guest "
                  "listens on");
@@ -164,6 +168,15 @@ int main(int argc, char** argv) {
       return 2;
     }
     config.unix_forwards.push_back({f.substr(0, eq), f.substr(eq + 1), false});
+  }
+
+  for (const std::string& e : exposed) {
+    auto parsed = parse_expose_unix(e);
+    if (!parsed) {
+      log::error("{}", parsed.error().message);
+      return 2;
+    }
+    config.exposed_unix[parsed->first] = parsed->second;
   }
 
   config.ports.follow_guest = !no_follow_ports;

@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "protocol/log.h"
@@ -17,6 +18,11 @@ std::string endpoint(const std::string& address, uint16_t port) {
 }
 
 bool is_wildcard(const std::string& address) { return address.empty() || address == "0.0.0.0" || address == "::"; }
+
+// How long the ports a snapshot lacks survive, waiting for the snapshot's later parts.
+constexpr auto kSnapshotGrace = std::chrono::milliseconds(50);
+// How often a host port that could not be bound is tried again.
+constexpr auto kBindRetry = std::chrono::seconds(2);
 }  // namespace
 
 PortForwards::PortForwards(uv_loop_t* loop, BufferPool& pool, PortForwardConfig config, AcceptFn accept,
@@ -38,13 +44,20 @@ void PortForwards::apply(const wire::Ports& ports) {
     for (const auto* l : *ports.removed()) removed.insert(read(l));
   }
   if (ports.full()) {
-    // A snapshot: whatever we track that it lacks is gone.
+    // A snapshot: whatever we track that it lacks is gone, unless a later part of it names it.
     for (const GuestPort& p : guest_ports_) {
-      if (added.count(p) == 0) removed.insert(p);
+      if (added.count(p) == 0) snapshot_missing_.insert(p);
     }
+    snapshot_deadline_ = Clock::now() + kSnapshotGrace;
   }
-  for (const GuestPort& p : removed) remove(p);
-  for (const GuestPort& p : added) add(p);
+  for (const GuestPort& p : removed) {
+    snapshot_missing_.erase(p);
+    remove(p);
+  }
+  for (const GuestPort& p : added) {
+    snapshot_missing_.erase(p);
+    add(p);
+  }
 }
 
 std::vector<std::string> PortForwards::host_addresses(const GuestPort& port) const {
@@ -56,36 +69,57 @@ std::vector<std::string> PortForwards::host_addresses(const GuestPort& port) con
   return {config_.bind_v4};
 }
 
+uint16_t PortForwards::host_port(const GuestPort& port) const {
+  const auto it = config_.remap.find(port.port);
+  return it == config_.remap.end() ? port.port : it->second;
+}
+
+wire::TargetT PortForwards::target_for(const GuestPort& port) const {
+  wire::TargetT target;
+  target.proto = port.proto;
+  target.family = port.family;
+  target.port = port.port;
+  // A wildcard listener is reached on the guest's loopback; a specific address is dialled as is.
+  target.host = is_wildcard(port.address) ? (port.family == wire::Family::Inet6 ? "::1" : "127.0.0.1") : port.address;
+  return target;
+}
+
 void PortForwards::add(const GuestPort& port) {
   if (!guest_ports_.insert(port).second) return;
-  const auto it = config_.remap.find(port.port);
-  const uint16_t host_port = it == config_.remap.end() ? port.port : it->second;
+  const uint16_t hport = host_port(port);
   for (const std::string& address : host_addresses(port)) {
-    HostBinding& b = bindings_[BindingKey{port.proto, address, host_port}];
+    HostBinding& b = bindings_[BindingKey{port.proto, address, hport}];
     if (b.refs++ > 0) continue;
     b.proto = port.proto;
     b.host_address = address;
-    b.host_port = host_port;
-    b.target.proto = port.proto;
-    b.target.family = port.family;
-    b.target.port = port.port;
-    // A wildcard listener is reached on the guest's loopback; a specific address is dialled as is.
-    b.target.host = is_wildcard(port.address) ? (port.family == wire::Family::Inet6 ? "::1" : "127.0.0.1")
-                                               : port.address;
+    b.host_port = hport;
+    b.target = target_for(port);
     bind(b);
   }
 }
 
 void PortForwards::remove(const GuestPort& port) {
   if (guest_ports_.erase(port) == 0) return;
-  const auto it = config_.remap.find(port.port);
-  const uint16_t host_port = it == config_.remap.end() ? port.port : it->second;
+  const uint16_t hport = host_port(port);
   for (const std::string& address : host_addresses(port)) {
-    const auto b = bindings_.find(BindingKey{port.proto, address, host_port});
+    const BindingKey key{port.proto, address, hport};
+    const auto b = bindings_.find(key);
     if (b == bindings_.end() || b->second.is_static) continue;
-    if (--b->second.refs > 0) continue;
+    if (--b->second.refs > 0) {
+      // Another guest listener shares this host socket (e.g. 0.0.0.0 and :: on one port): dial that one now.
+      for (const GuestPort& other : guest_ports_) {
+        const auto addresses = host_addresses(other);
+        if (other.proto == port.proto && host_port(other) == hport &&
+            std::find(addresses.begin(), addresses.end(), address) != addresses.end()) {
+          b->second.target = target_for(other);
+          if (b->second.udp) b->second.udp->retarget(b->second.target);
+          break;
+        }
+      }
+      continue;
+    }
     log::info("guest stopped listening on {} {}; host {} removed", proto_name(port.proto),
-              endpoint(port.address, port.port), endpoint(address, host_port));
+              endpoint(port.address, port.port), endpoint(address, hport));
     bindings_.erase(b);
   }
 }
@@ -107,15 +141,17 @@ Status PortForwards::add_static(wire::Proto proto, const std::string& host_addre
   return {};
 }
 
-void PortForwards::bind(HostBinding& b) {
+void PortForwards::bind(HostBinding& b, bool retry) {
   const std::string where = fmt::format("{} {}", proto_name(b.proto), endpoint(b.host_address, b.host_port));
   Status result;
   if (b.proto == wire::Proto::Tcp) {
     Address address{Address::Kind::kTcp, b.host_address, b.host_port};
-    const wire::TargetT target = b.target;
-    auto listener = Listener::listen(loop_, address, [this, target, where](UniqueFd client) {
+    // The binding owns the listener and map nodes do not move, so the callback may keep a pointer to it; it
+    // reads the target when a client arrives, as the target may change (see remove).
+    HostBinding* binding = &b;
+    auto listener = Listener::listen(loop_, address, [this, binding, where](UniqueFd client) {
       BridgeOptions options;
-      options.target = target;
+      options.target = binding->target;
       options.name = where;
       accept_(std::move(client), std::move(options));
     });
@@ -141,13 +177,24 @@ void PortForwards::bind(HostBinding& b) {
   std::string hint;
   if (err == EACCES) hint = fmt::format("; ports below 1024 need root or a remap (--port-map {}=HOSTPORT)", b.host_port);
   if (err == EADDRINUSE) hint = fmt::format("; another host program uses it (remap with --port-map {}=HOSTPORT)", b.host_port);
-  b.error = fmt::format("cannot bind host {}: {}{}", where, std::strerror(err), hint);
+  std::string error = fmt::format("cannot bind host {}: {}{}",
+                                  where, err != 0 ? std::strerror(err) : result.error().message.c_str(), hint);
+  b.retry_at = Clock::now() + kBindRetry;
+  if (retry && error == b.error) return;
+  b.error = std::move(error);
   log::warn("guest port {} not forwarded: {}", b.target.port, b.error);
 }
 
 void PortForwards::tick() {
+  const auto now = Clock::now();
+  if (!snapshot_missing_.empty() && now >= snapshot_deadline_) {
+    const auto gone = std::move(snapshot_missing_);
+    snapshot_missing_.clear();
+    for (const GuestPort& p : gone) remove(p);
+  }
   for (auto& [key, b] : bindings_) {
     if (b.udp) b.udp->expire_idle();
+    if (!b.error.empty() && !b.is_static && now >= b.retry_at) bind(b, true);
   }
 }
 
@@ -162,13 +209,15 @@ nlohmann::json PortForwards::status() const {
   for (const auto& [key, b] : bindings_) {
     nlohmann::json j{{"proto", proto_name(b.proto)},
                      {"host", endpoint(b.host_address, b.host_port)},
+                     {"guest", endpoint(b.target.host, b.target.port)},
                      {"guest_port", b.target.port},
                      {"static", b.is_static},
                      {"ok", b.error.empty()}};
     if (!b.error.empty()) j["error"] = b.error;
     if (b.udp) {
       const UdpCounters& c = b.udp->counters();
-      j["udp"] = {{"flows", b.udp->flow_count()}, {"in", c.datagrams_in}, {"out", c.datagrams_out}, {"dropped", c.dropped}};
+      j["udp"] = {{"flows", b.udp->flow_count()}, {"in", c.datagrams_in},       {"out", c.datagrams_out},
+                  {"dropped", c.dropped},          {"refused", c.flows_refused}};
     }
     out.push_back(std::move(j));
   }

@@ -1,11 +1,16 @@
 // Host ports that follow what the guest listens on. PORTS diffs from the guest agent add and remove
 // forwards; each guest listener is bound on the host's loopback (127.0.0.1 for IPv4, ::1 for IPv6, both
 // for a dual-stack wildcard), remapped where configured. A port the host cannot bind is kept in the table
-// with the reason, logged once, and shown in status.
+// with the reason, logged once, shown in status, and bound later if it becomes free.
+//
+// A snapshot (`full`) replaces what the host knew. A large one arrives in parts of which only the first is
+// marked full, so the ports a snapshot lacks are removed after a short grace in which a following part may
+// still name them; removals in diffs take effect at once.
 #pragma once
 
 #include <uv.h>
 
+#include <chrono>
 #include <functional>
 #include <map>
 #include <memory>
@@ -47,6 +52,7 @@ class PortForwards {
 
   // Applies a PORTS message (a diff, or a full snapshot when `full`).
   void apply(const wire::Ports& ports);
+  // Time passes (called every ~100 ms): expires UDP flows, ends a snapshot's grace, retries failed binds.
   // Adds a forward from configuration (host port -> guest port); never removed by PORTS.
   Status add_static(wire::Proto proto, const std::string& host_address, uint16_t host_port, uint16_t guest_port);
   void tick();
@@ -54,6 +60,8 @@ class PortForwards {
   size_t active() const;
 
  private:
+  using Clock = std::chrono::steady_clock;
+
   // One host socket: (proto, host address, host port). Several guest listeners may share it.
   struct HostBinding {
     wire::Proto proto;
@@ -63,6 +71,7 @@ class PortForwards {
     std::unique_ptr<Listener> tcp;
     std::unique_ptr<UdpForward> udp;
     std::string error;
+    Clock::time_point retry_at{};  // when a failed bind is tried again
     int refs = 0;
     bool is_static = false;
   };
@@ -71,7 +80,10 @@ class PortForwards {
   void add(const GuestPort& port);
   void remove(const GuestPort& port);
   std::vector<std::string> host_addresses(const GuestPort& port) const;
-  void bind(HostBinding& binding);
+  uint16_t host_port(const GuestPort& port) const;
+  wire::TargetT target_for(const GuestPort& port) const;
+  // Binds the host socket; on failure records the reason (logged unless `retry` and unchanged).
+  void bind(HostBinding& binding, bool retry = false);
 
   uv_loop_t* loop_;
   BufferPool& pool_;
@@ -80,6 +92,8 @@ class PortForwards {
   UdpForward::SessionFn session_;
   std::set<GuestPort> guest_ports_;
   std::map<BindingKey, HostBinding> bindings_;
+  std::set<GuestPort> snapshot_missing_;  // tracked ports the last snapshot lacked, removed after the grace
+  Clock::time_point snapshot_deadline_{};
 };
 
 }  // namespace vbridge

@@ -35,11 +35,11 @@ class UdpForward::Flow final : public StreamSink {
     return true;
   }
 
-  // Sends one datagram (its Slice includes the 4-byte prefix); false if it does not fit right now.
+  // Queues one datagram (its Slice includes the 4-byte prefix); false if it does not fit right now. The
+  // caller flushes the session once per batch.
   bool send(Slice framed) {
     if (!live_ || session_->mux().send_capacity(id_) < framed.size()) return false;
     session_->mux().send(id_, std::move(framed));
-    session_->flush();
     last_active_ = Clock::now();
     return true;
   }
@@ -49,8 +49,12 @@ class UdpForward::Flow final : public StreamSink {
   void on_open_result(const Error* error) override {
     if (error == nullptr) return;
     live_ = false;
-    log::warn("UDP flow to guest port {} refused: {}", owner_.target_.port, error->to_string());
-    owner_.drop_flow(key_);  // destroys this
+    ++owner_.counters_.flows_refused;
+    if (error->message != owner_.last_refusal_) {
+      log::warn("UDP flow to guest port {} refused: {}", owner_.target_.port, error->to_string());
+      owner_.last_refusal_ = error->message;
+    }
+    owner_.drop_flow(key_);  // freed later, not on this call stack
   }
   void on_data(Slice data) override {
     last_active_ = Clock::now();
@@ -102,6 +106,7 @@ UdpForward::UdpForward(uv_loop_t* loop, UniqueFd socket, wire::TargetT target, B
 UdpForward::~UdpForward() = default;
 
 void UdpForward::on_readable() {
+  Session* flushed = nullptr;
   for (int i = 0; i < 64; ++i) {
     std::span<std::byte> space = arena_.writable();
     sockaddr_storage from{};
@@ -109,7 +114,10 @@ void UdpForward::on_readable() {
     // The datagram lands after room for its length prefix, so the framed record is one Slice.
     const ssize_t n = ::recvfrom(poller_.fd(), space.data() + kDatagramPrefix, kMaxDatagram, MSG_DONTWAIT,
                                  reinterpret_cast<sockaddr*>(&from), &from_len);
-    if (n < 0) return;  // EAGAIN, or an ICMP error for an earlier reply: nothing to do
+    if (n < 0) {
+      if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+      continue;  // an ICMP error for an earlier reply: nothing to do
+    }
     ++counters_.datagrams_in;
     encode_datagram_prefix(space.data(), static_cast<uint32_t>(n));
     Slice framed = arena_.commit(kDatagramPrefix + static_cast<size_t>(n));
@@ -133,8 +141,13 @@ void UdpForward::on_readable() {
       ++counters_.flows_opened;
       it = flows_.emplace(key, std::move(flow)).first;
     }
-    if (!it->second->send(std::move(framed))) ++counters_.dropped;
+    if (it->second->send(std::move(framed))) {
+      flushed = session;
+    } else {
+      ++counters_.dropped;
+    }
   }
+  if (flushed != nullptr) flushed->flush();
 }
 
 void UdpForward::reply(const sockaddr_storage& to, socklen_t len, const Slice& datagram) {

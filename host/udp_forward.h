@@ -20,7 +20,7 @@
 namespace vbridge {
 
 struct UdpCounters {
-  uint64_t datagrams_in = 0, datagrams_out = 0, dropped = 0, flows_opened = 0, flows_expired = 0;
+  uint64_t datagrams_in = 0, datagrams_out = 0, dropped = 0, flows_opened = 0, flows_expired = 0, flows_refused = 0;
 };
 
 class UdpForward {
@@ -31,6 +31,8 @@ class UdpForward {
   ~UdpForward();
   // Ends flows idle for longer than the timeout; call periodically.
   void expire_idle();
+  // New flows go to `target` (flows already open keep theirs).
+  void retarget(wire::TargetT target) { target_ = std::move(target); }
   size_t flow_count() const { return flows_.size(); }
   const UdpCounters& counters() const { return counters_; }
 
@@ -49,6 +51,7 @@ class UdpForward {
   std::unordered_map<std::string, std::unique_ptr<Flow>> flows_;
   std::vector<std::unique_ptr<Flow>> graveyard_;  // ended flows, freed outside their callbacks
   UdpCounters counters_;
+  std::string last_refusal_;  // logged once per distinct reason, not once per flow
 };
 
 // Binds a UDP socket on host:port (nonblocking).

@@ -28,24 +28,24 @@
 //                                                                                      watchers report it
 //
 // So a touch is: open the file for writing (never O_TRUNC, never a write) and set and remove a private
-// `user.` xattr through that descriptor, then close. The guest sees IN_OPEN, IN_ATTRIB, IN_CLOSE_WRITE: node's
-// fs.watch (libuv subscribes to IN_ATTRIB, not IN_CLOSE_WRITE) and so chokidar and watchpack see a change;
-// `inotifywait -e close_write` loops, watchdog and notify-rs see a write. Contents, size and mtime are never
-// written, so a host process appending to the same file at the same time loses nothing
+// `user.` xattr through that descriptor, then close. The guest sees IN_OPEN, IN_ATTRIB, IN_CLOSE_WRITE:
+// node's fs.watch (libuv subscribes to IN_ATTRIB, not IN_CLOSE_WRITE) and so chokidar and watchpack see a
+// change; `inotifywait -e close_write` loops, watchdog and notify-rs see a write. Contents, size and mtime
+// are never written, so a host process appending to the same file at the same time loses nothing
 // (tests/integration/test_file_events.py proves it); ctime moves, as for any xattr change. The open also
-// makes the FUSE client drop cached attributes and pages, so a watcher that stats the file sees the new mtime.
-// The xattr shows up on the host as IN_ATTRIB; the host watcher recognises that echo by the file's unchanged
-// signature (host/file_watch/echo_filter.h). IN_OPEN/IN_CLOSE_WRITE are not in the host's mask.
+// makes the FUSE client drop cached attributes and pages, so a watcher that stats the file sees the new
+// mtime. The xattr shows up on the host as IN_ATTRIB; the host watcher recognises that echo by the file's
+// unchanged signature (host/file_watch/echo_filter.h). IN_OPEN/IN_CLOSE_WRITE are not in the host's mask.
 //
 // Names cannot be faked safely. IN_CREATE, IN_DELETE and IN_MOVED_* for a name come only from creating,
 // removing or renaming that name on the shared folder (the FUSE server looks a name up before a create, so
 // creating an existing name is just an open). Every way to do it races with a host process that re-creates
 // the name at that moment: our unlink would delete its new file, a rename-away would hide it, a mkdir
 // placeholder would make its open fail. So for create, delete and rename the injector touches the directory
-// whose entries changed (IN_ATTRIB|IN_ISDIR, seen by the directory's own watch and, with the directory's name,
-// by its parent's) and, for what exists now, the entry itself. Watchers that re-read a directory on any event
-// in it — chokidar (nodemon, webpack-dev-server, vite) — report add / unlink / addDir / unlinkDir with the
-// right names; watchers that trust the event's name (watchdog, watchpack for removals) learn that the
+// whose entries changed (IN_ATTRIB|IN_ISDIR, seen by the directory's own watch and, with the directory's
+// name, by its parent's) and, for what exists now, the entry itself. Watchers that re-read a directory on any
+// event in it — chokidar (nodemon, webpack-dev-server, vite) — report add / unlink / addDir / unlinkDir with
+// the right names; watchers that trust the event's name (watchdog, watchpack for removals) learn that the
 // directory changed but not which name went away.
 //
 // Nothing is opened that is not a regular file or a directory (a device node on a share must not be opened
@@ -114,11 +114,13 @@ int reopen(int path_fd, int flags) {
 
 bool Injector::valid_relative_path(std::string_view path) {
   if (path.empty()) return true;
-  if (path.size() >= PATH_MAX || path.front() == '/' || path.find('\0') != std::string_view::npos) return false;
+  if (path.size() >= PATH_MAX || path.front() == '/' || path.find('\0') != std::string_view::npos)
+    return false;
   size_t start = 0;
   for (;;) {
     const size_t slash = path.find('/', start);
-    const std::string_view comp = path.substr(start, slash == std::string_view::npos ? path.npos : slash - start);
+    const std::string_view comp =
+        path.substr(start, slash == std::string_view::npos ? path.npos : slash - start);
     if (comp.empty() || comp == "." || comp == ".." || comp.size() > NAME_MAX) return false;
     if (slash == std::string_view::npos) return true;
     start = slash + 1;
@@ -188,7 +190,8 @@ const Injector::Root* Injector::find_root(std::string_view share) const {
 
 int Injector::resolve(const Root& root, std::string_view rel, int flags) const {
   const std::string path = rel.empty() ? std::string(".") : std::string(rel);
-  if (have_openat2_) return openat2_beneath(root.fd, path.c_str(), static_cast<uint64_t>(flags | O_NOFOLLOW | O_CLOEXEC));
+  if (have_openat2_)
+    return openat2_beneath(root.fd, path.c_str(), static_cast<uint64_t>(flags | O_NOFOLLOW | O_CLOEXEC));
 
   // Without openat2: one component at a time, never following a symlink, never leaving the root's mount.
   // Components were checked by valid_relative_path, so there is no ".." to climb out with.
@@ -197,9 +200,11 @@ int Injector::resolve(const Root& root, std::string_view rel, int flags) const {
   size_t start = 0;
   for (;;) {
     const size_t slash = path.find('/', start);
-    const std::string comp = path.substr(start, slash == std::string::npos ? std::string::npos : slash - start);
+    const std::string comp =
+        path.substr(start, slash == std::string::npos ? std::string::npos : slash - start);
     const bool last = slash == std::string::npos;
-    const int next = ::openat(cur, comp.c_str(), (last ? flags : O_PATH | O_DIRECTORY) | O_NOFOLLOW | O_CLOEXEC);
+    const int next =
+        ::openat(cur, comp.c_str(), (last ? flags : O_PATH | O_DIRECTORY) | O_NOFOLLOW | O_CLOEXEC);
     int err = next < 0 ? errno : 0;
     if (next < 0 && err == ENOTDIR) {
       struct stat st {};
@@ -367,21 +372,34 @@ void Injector::touch_path(const Root& root, std::string_view rel, bool rescan, i
 }
 
 void Injector::apply(const wire::FileEvents& batch) {
-  ++counters_.batches;
-  touched_.clear();
+  size_t next = 0;
+  (void)apply_for(batch, &next, std::chrono::microseconds::max());
+}
+
+bool Injector::apply_for(const wire::FileEvents& batch, size_t* next, std::chrono::microseconds budget) {
   const auto* events = batch.events();
   const size_t n = events != nullptr ? events->size() : 0;
+  if (*next == 0) {
+    ++counters_.batches;
+    touched_.clear();
+  }
   const std::string_view share = batch.share() != nullptr ? batch.share()->string_view() : std::string_view();
   const Root* root = find_root(share);
   if (root == nullptr) {
-    counters_.events += n;
-    counters_.refused += n;
-    counters_.unknown_share += n;
-    log::warn("file events: batch {} for unknown share '{}' ({} events) refused", batch.seq(), printable(share), n);
-    return;
+    counters_.events += n - std::min(*next, n);
+    counters_.refused += n - std::min(*next, n);
+    counters_.unknown_share += n - std::min(*next, n);
+    log::warn("file events: batch {} for unknown share '{}' ({} events) refused", batch.seq(),
+              printable(share), n);
+    *next = n;
+    return true;
   }
-  for (size_t i = 0; i < n; ++i) {
-    const wire::FileEvent* e = events->Get(i);
+  const bool bounded = budget != std::chrono::microseconds::max();
+  const auto deadline =
+      bounded ? std::chrono::steady_clock::now() + budget : std::chrono::steady_clock::time_point::max();
+  for (size_t& i = *next; i < n;) {
+    if (bounded && (i & 7) == 0 && i != 0 && std::chrono::steady_clock::now() >= deadline) return false;
+    const wire::FileEvent* e = events->Get(i++);
     ++counters_.events;
     refused_in_event_ = false;
     const std::string_view path = e->path() != nullptr ? e->path()->string_view() : std::string_view();
@@ -398,12 +416,8 @@ void Injector::apply(const wire::FileEvents& batch) {
         if (!path.empty()) touch_dir(*root, parent_of(path));
         touch_path(*root, path, false);
         break;
-      case wire::FileEventKind::Modify:
-        touch_path(*root, path, e->rescan(), e->changed_since_ns());
-        break;
-      case wire::FileEventKind::Attrib:
-        touch_path(*root, path, false);
-        break;
+      case wire::FileEventKind::Modify: touch_path(*root, path, e->rescan(), e->changed_since_ns()); break;
+      case wire::FileEventKind::Attrib: touch_path(*root, path, false); break;
       case wire::FileEventKind::Delete:
         if (!path.empty()) touch_dir(*root, parent_of(path));
         break;
@@ -419,6 +433,7 @@ void Injector::apply(const wire::FileEvents& batch) {
     }
     if (refused_in_event_) ++counters_.refused;
   }
+  return true;
 }
 
 }  // namespace vbridge::file_events

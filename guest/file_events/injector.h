@@ -10,6 +10,7 @@
 // never followed.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -45,10 +46,11 @@ struct InjectorCounters {
   uint64_t gone = 0;             // the path no longer exists in the guest's view: nothing to touch
   uint64_t symlink_leaf = 0;     // the path is a symlink: only its directory was touched
   uint64_t special_skipped = 0;  // fifos, sockets, devices: never opened
-  uint64_t read_only_opens = 0;  // could not open for writing (read-only file, busy executable): no IN_CLOSE_WRITE
+  uint64_t read_only_opens =
+      0;  // could not open for writing (read-only file, busy executable): no IN_CLOSE_WRITE
   uint64_t xattr_unsupported = 0;  // the share refuses user xattrs: no IN_ATTRIB for that touch
-  uint64_t rescan_unchanged = 0; // entries a rescan left alone: not changed since the time it gave
-  uint64_t errors = 0;           // any other failed syscall
+  uint64_t rescan_unchanged = 0;   // entries a rescan left alone: not changed since the time it gave
+  uint64_t errors = 0;             // any other failed syscall
 };
 
 class Injector {
@@ -64,6 +66,10 @@ class Injector {
   // Applies one FILE_EVENTS batch synchronously. Each event costs a handful of metadata syscalls on the
   // mount; the touches of one directory are merged within a batch. Never throws; failures are counted.
   void apply(const wire::FileEvents& batch);
+  // The same in slices, for a loop that must not stall: applies events from index *next on until the
+  // batch is done (returns true) or `budget` has passed (returns false; call again with the same batch,
+  // whose buffer must stay alive, and the same *next). Start each batch with *next == 0.
+  bool apply_for(const wire::FileEvents& batch, size_t* next, std::chrono::microseconds budget);
 
   const InjectorCounters& counters() const { return counters_; }
   // True when openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV) confines lookups; false when

@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <sys/xattr.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -60,7 +61,8 @@ class BatchBuilder {
     std::vector<flatbuffers::Offset<wire::FileEvent>> offs;
     for (const auto& e : evs) {
       offs.push_back(wire::CreateFileEvent(b_, e.kind, b_.CreateString(e.path),
-                                           e.old_path.empty() ? 0 : b_.CreateString(e.old_path), false, e.rescan));
+                                           e.old_path.empty() ? 0 : b_.CreateString(e.old_path), false,
+                                           e.rescan));
     }
     const auto fe = wire::CreateFileEvents(b_, b_.CreateString(share), b_.CreateVector(offs), 1);
     b_.Finish(wire::CreateControl(b_, wire::Message::FileEvents, fe.Union()));
@@ -92,7 +94,8 @@ class Recorder {
         if (e->mask & IN_CLOSE_WRITE) out.push_back(name + "CLOSE_WRITE");
         if (e->mask & IN_OPEN) out.push_back(name + "OPEN");
         if (e->mask & IN_MODIFY) out.push_back(name + "MODIFY");
-        if (e->mask & (IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO)) out.push_back(name + "NAMESPACE");
+        if (e->mask & (IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO))
+          out.push_back(name + "NAMESPACE");
         off += static_cast<ssize_t>(sizeof(struct inotify_event) + e->len);
       }
     }
@@ -216,6 +219,23 @@ TEST_P(InjectorTest, ManyEventsInOneDirectoryTouchItOnce) {
   EXPECT_EQ(inj.counters().file_touches, 50u);
 }
 
+TEST_P(InjectorTest, AppliesInSlicesWithinABudget) {
+  std::vector<Ev> evs;
+  for (int i = 0; i < 64; ++i) {
+    write_file(root / ("f" + std::to_string(i)), "x");
+    evs.push_back({Kind::Modify, "f" + std::to_string(i)});
+  }
+  Injector inj = make();
+  const auto& batch = bb.build("home", evs);
+  size_t next = 0;
+  int slices = 0;
+  while (!inj.apply_for(batch, &next, std::chrono::microseconds(0))) ++slices;
+  EXPECT_EQ(next, 64u);
+  EXPECT_GE(slices, 7);  // a zero budget still makes progress, eight events at a time
+  EXPECT_EQ(inj.counters().file_touches, 64u);
+  EXPECT_EQ(inj.counters().batches, 1u);
+}
+
 TEST_P(InjectorTest, RescanTouchesTheDirectoryAndItsEntries) {
   fs::create_directories(root / "d/sub");
   write_file(root / "d/a", "a");
@@ -229,6 +249,31 @@ TEST_P(InjectorTest, RescanTouchesTheDirectoryAndItsEntries) {
   EXPECT_TRUE(contains(ev, "d/a:ATTRIB")) << dump(ev);
   EXPECT_TRUE(contains(ev, "d/b:ATTRIB")) << dump(ev);
   EXPECT_TRUE(contains(ev, "d/sub:ATTRIB")) << dump(ev);
+}
+
+TEST_P(InjectorTest, RescanWithATimeTouchesOnlyWhatChangedSince) {
+  fs::create_directories(root / "d");
+  write_file(root / "d/old", "o");
+  ::usleep(20000);
+  timespec ts{};
+  clock_gettime(CLOCK_REALTIME, &ts);
+  const int64_t since = int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
+  ::usleep(20000);
+  write_file(root / "d/new", "n");
+  Recorder r;
+  r.watch(root / "d", "d");
+  Injector inj = make();
+  BatchBuilder b;
+  flatbuffers::FlatBufferBuilder fb;
+  const auto ev = wire::CreateFileEvent(fb, Kind::Modify, fb.CreateString("d"), 0, true, true, since);
+  const auto fe = wire::CreateFileEvents(fb, fb.CreateString("home"), fb.CreateVector(std::vector{ev}), 1);
+  fb.Finish(wire::CreateControl(fb, wire::Message::FileEvents, fe.Union()));
+  inj.apply(*wire::GetControl(fb.GetBufferPointer())->message_as_FileEvents());
+  const auto seen = r.take();
+  EXPECT_TRUE(contains(seen, "d/new:ATTRIB")) << dump(seen);
+  EXPECT_FALSE(contains(seen, "d/old:ATTRIB")) << dump(seen);
+  EXPECT_TRUE(contains(seen, "d:ATTRIB")) << dump(seen);
+  EXPECT_EQ(inj.counters().rescan_unchanged, 1u);
 }
 
 TEST_P(InjectorTest, GoneAndUnknownShareAreCountedNotFatal) {

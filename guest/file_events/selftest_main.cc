@@ -29,6 +29,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <fstream>
 #include <map>
 #include <string>
@@ -46,10 +47,10 @@ using namespace vbridge;
 constexpr size_t kMaxMessage = 256 * 1024;
 
 // Socket message types (first byte).
-constexpr char kBatch = 'B';     // host -> guest: FlatBuffers Control
-constexpr char kStats = 'S';     // host -> guest: request; guest -> host: JSON
-constexpr char kReady = 'R';     // guest -> host
-constexpr char kArrival = 'A';   // guest -> host: "<index> <monotonic ns>"
+constexpr char kBatch = 'B';    // host -> guest: FlatBuffers Control
+constexpr char kStats = 'S';    // host -> guest: request; guest -> host: JSON
+constexpr char kReady = 'R';    // guest -> host
+constexpr char kArrival = 'A';  // guest -> host: "<index> <monotonic ns>"
 
 struct Config {
   std::vector<file_watch::Share> host;
@@ -82,7 +83,8 @@ std::string status_field(const char* field) {
 std::string process_json() {
   struct rusage ru {};
   getrusage(RUSAGE_SELF, &ru);
-  const long cpu_ms = (ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000 + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1000;
+  const long cpu_ms =
+      (ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000 + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1000;
   return fmt::format("\"pid\":{},\"rss_kb\":{},\"hwm_kb\":{},\"cpu_ms\":{}", getpid(), status_field("VmRSS:"),
                      status_field("VmHWM:"), cpu_ms);
 }
@@ -140,7 +142,8 @@ int run_guest(const Config& cfg, int sock) {
     const std::string base = cfg.guest[0].guest_path + "/" + cfg.bench_dir;
     inotify_add_watch(ino, base.c_str(), IN_ATTRIB | IN_CLOSE_WRITE | IN_CREATE | IN_MODIFY);
     for (int k = 0; k < 16; ++k) {
-      inotify_add_watch(ino, fmt::format("{}/s{}", base, k).c_str(), IN_ATTRIB | IN_CLOSE_WRITE | IN_CREATE | IN_MODIFY);
+      inotify_add_watch(ino, fmt::format("{}/s{}", base, k).c_str(),
+                        IN_ATTRIB | IN_CLOSE_WRITE | IN_CREATE | IN_MODIFY);
     }
   }
   send_str(sock, kReady, "");
@@ -156,7 +159,8 @@ int run_guest(const Config& cfg, int sock) {
           const auto* e = reinterpret_cast<const struct inotify_event*>(ibuf + off);
           off += static_cast<ssize_t>(sizeof(struct inotify_event) + e->len);
           if (e->len == 0 || e->name[0] != 'f') continue;
-          if (seen.emplace(e->name, true).second) send_str(sock, kArrival, fmt::format("{} {}", e->name + 1, t));
+          if (seen.emplace(e->name, true).second)
+            send_str(sock, kArrival, fmt::format("{} {}", e->name + 1, t));
         }
       }
     }
@@ -198,15 +202,44 @@ struct Host {
   std::map<long, int64_t> arrivals;  // bench file index -> guest arrival time
   std::string guest_stats;
 
+  // Encoded batches the socket did not take yet. While any wait, the watcher is drained with
+  // max_batches = 0 (it keeps reading and merging), as an agent does while its transport is backed up.
+  std::deque<file_watch::Batch> outbox;
+  bool held = false;
+
+  void flush_outbox() {
+    while (!outbox.empty()) {
+      const auto& m = outbox.front().message;
+      std::vector<char> buf(1 + m.GetSize());
+      buf[0] = kBatch;
+      std::memcpy(buf.data() + 1, m.GetBufferPointer(), m.GetSize());
+      const ssize_t n = send(sock, buf.data(), buf.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (errno != EAGAIN) stop = true;
+        return;
+      }
+      outbox.pop_front();
+    }
+  }
+  void pump() {
+    auto batches = watcher->drain(outbox.empty() ? 8 : 0);
+    held = !outbox.empty();
+    for (auto& b : batches) outbox.push_back(std::move(b));
+    flush_outbox();
+  }
+
   // One turn of the loop: waits up to timeout_ms for something to do.
   void step(int timeout_ms) {
-    struct pollfd p[3] = {{watcher->fd(), POLLIN, 0}, {sock, POLLIN, 0}, {sigfd, POLLIN, 0}};
+    struct pollfd p[3] = {{watcher->fd(), POLLIN, 0},
+                          {sock, static_cast<short>(POLLIN | (outbox.empty() ? 0 : POLLOUT)), 0},
+                          {sigfd, POLLIN, 0}};
     if (poll(p, 3, timeout_ms) < 0) return;
-    if (p[0].revents & POLLIN) {
-      for (auto& b : watcher->drain()) {
-        send_msg(sock, kBatch, b.message.GetBufferPointer(), b.message.GetSize());
-      }
+    if (p[1].revents & POLLOUT) {
+      flush_outbox();
+      if (outbox.empty() && held) pump();  // the transport caught up: take what the watcher held back
     }
+    if (p[0].revents & POLLIN) pump();
     if (p[1].revents & POLLIN) read_guest();
     if (p[1].revents & POLLHUP) stop = true;
     if (p[2].revents & POLLIN) {
@@ -241,8 +274,12 @@ struct Host {
     // The request waits behind the batches already queued to the guest.
     const int64_t deadline = now_ns() + 120'000'000'000;
     while (guest_stats.empty() && now_ns() < deadline) {
-      struct pollfd p {sock, POLLIN, 0};
-      poll(&p, 1, 100);
+      // Keep watching meanwhile: the kernel's queue must not overflow while we wait.
+      struct pollfd p[2] = {{sock, static_cast<short>(POLLIN | (outbox.empty() ? 0 : POLLOUT)), 0},
+                            {watcher->fd(), POLLIN, 0}};
+      poll(p, 2, 100);
+      if (p[0].revents & POLLOUT) flush_outbox();
+      if ((p[1].revents & POLLIN) || (outbox.empty() && held)) pump();
       read_guest();
     }
     std::printf("{\"event\":\"stats\",\"host\":%s,\"guest\":%s}\n", host_stats_json(*watcher).c_str(),
@@ -323,7 +360,8 @@ void run_bench(Host& h, const Config& cfg) {
   for (double v : lat_ms) sum += v;
   std::printf(
       "{\"event\":\"bench\",\"latency_samples\":%zu,\"latency_missed\":%d,\"p50_ms\":%.3f,\"p90_ms\":%.3f,"
-      "\"p99_ms\":%.3f,\"max_ms\":%.3f,\"mean_ms\":%.3f,\"burst_files\":%d,\"burst_seen\":%zu,\"burst_s\":%.3f,"
+      "\"p99_ms\":%.3f,\"max_ms\":%.3f,\"mean_ms\":%.3f,\"burst_files\":%d,\"burst_seen\":%zu,\"burst_s\":%."
+      "3f,"
       "\"burst_events_per_s\":%.0f}\n",
       lat_ms.size(), missed, percentile(lat_ms, 0.5), percentile(lat_ms, 0.9), percentile(lat_ms, 0.99),
       lat_ms.empty() ? 0.0 : *std::max_element(lat_ms.begin(), lat_ms.end()),
@@ -333,9 +371,10 @@ void run_bench(Host& h, const Config& cfg) {
 }
 
 int usage() {
-  std::fprintf(stderr,
-               "usage: vbridge-file-events-selftest --share NAME=HOST_DIR=GUEST_DIR [--share ...] [--guest-ns PID]\n"
-               "       [--bench-latency N] [--bench-burst M] [--bench-dir REL] [--log-level LEVEL]\n");
+  std::fprintf(
+      stderr,
+      "usage: vbridge-file-events-selftest --share NAME=HOST_DIR=GUEST_DIR [--share ...] [--guest-ns PID]\n"
+      "       [--bench-latency N] [--bench-burst M] [--bench-dir REL] [--log-level LEVEL]\n");
   return 2;
 }
 
@@ -379,7 +418,8 @@ int main(int argc, char** argv) {
 
   int sv[2];
   if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) return 1;
-  const int sndbuf = 4 * 1024 * 1024;
+  // A transport that buffers little, so a slow guest pushes back on the host side.
+  const int sndbuf = 256 * 1024;
   setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
   const pid_t child = fork();
   if (child < 0) return 1;

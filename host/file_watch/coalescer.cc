@@ -41,13 +41,15 @@ void Coalescer::add_rescan(std::string_view dir, int64_t since_ns) {
   }
   if (entries_.size() >= options_.max_paths) {
     int64_t earliest = since_ns;
-    for (const auto& [path, e] : entries_) earliest = std::min(earliest, (e.flags & kRescan) ? e.since_ns : window_floor_);
+    for (const auto& [path, e] : entries_)
+      earliest = std::min(earliest, (e.flags & kRescan) ? e.since_ns : window_floor_);
     entries_.clear();
     ++counters_.root_collapses;
     dir = {};
     since_ns = earliest;
   }
-  entries_.emplace(std::string(dir), Entry{kRescan | kExistsNow | kExistedBefore, true, next_order_++, {}, since_ns});
+  entries_.emplace(std::string(dir),
+                   Entry{kRescan | kExistsNow | kExistedBefore, true, next_order_++, {}, since_ns});
 }
 
 void Coalescer::collapse() {
@@ -249,7 +251,8 @@ std::vector<flatbuffers::FlatBufferBuilder> encode_batches(std::string_view shar
       if (!events.empty() && bytes + cost > limits.max_bytes) break;
       bytes += cost;
       const auto path = b.CreateString(c.path);
-      const auto old_path = c.old_path.empty() ? flatbuffers::Offset<flatbuffers::String>() : b.CreateString(c.old_path);
+      const auto old_path =
+          c.old_path.empty() ? flatbuffers::Offset<flatbuffers::String>() : b.CreateString(c.old_path);
       events.push_back(wire::CreateFileEvent(b, c.kind, path, old_path, c.is_dir, c.rescan, c.since_ns));
       ++i;
     }

@@ -30,7 +30,7 @@ using Clock = std::chrono::steady_clock;
 struct CoalescerOptions {
   std::chrono::milliseconds window{8};
   std::chrono::milliseconds max_window{250};
-  size_t max_paths = 4096;
+  size_t max_paths = 16384;
   // A window that closes with at least this many changes doubles the next window; one with less than a
   // quarter of it halves it. Interactive edits stay far below; a checkout or an install widens it.
   size_t busy_changes = 64;
@@ -49,12 +49,12 @@ struct FileChange {
 };
 
 struct CoalescerCounters {
-  uint64_t events_in = 0;      // raw events fed in
-  uint64_t changes_out = 0;    // net changes taken out
-  uint64_t merged = 0;         // raw events absorbed by an already pending path
-  uint64_t cancelled = 0;      // paths that came and went inside one window
-  uint64_t collapses = 0;      // times pending paths collapsed into directory rescans
-  uint64_t root_collapses = 0; // times they collapsed into one rescan of the root
+  uint64_t events_in = 0;       // raw events fed in
+  uint64_t changes_out = 0;     // net changes taken out
+  uint64_t merged = 0;          // raw events absorbed by an already pending path
+  uint64_t cancelled = 0;       // paths that came and went inside one window
+  uint64_t collapses = 0;       // times pending paths collapsed into directory rescans
+  uint64_t root_collapses = 0;  // times they collapsed into one rescan of the root
 };
 
 class Coalescer {
@@ -115,9 +115,9 @@ class Coalescer {
   std::unordered_map<std::string, Entry> entries_;
   std::optional<Clock::time_point> window_end_;
   uint64_t next_order_ = 0;
-  bool collapsed_ = false;       // pending paths became directory rescans; new events join them
+  bool collapsed_ = false;  // pending paths became directory rescans; new events join them
   int64_t clock_floor_ = 0;
-  int64_t window_floor_ = 0;     // clock_floor_ when the window opened
+  int64_t window_floor_ = 0;  // clock_floor_ when the window opened
   CoalescerCounters counters_;
 };
 

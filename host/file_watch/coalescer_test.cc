@@ -14,8 +14,9 @@ const Clock::time_point t0 = Clock::time_point(1h);
 }  // namespace
 
 void PrintTo(const FileChange& c, std::ostream* os) {
-  *os << wire::EnumNameFileEventKind(c.kind) << "(" << c.path << (c.old_path.empty() ? "" : " <- " + c.old_path)
-      << (c.is_dir ? ", dir" : "") << (c.rescan ? ", rescan" : "") << ")";
+  *os << wire::EnumNameFileEventKind(c.kind) << "(" << c.path
+      << (c.old_path.empty() ? "" : " <- " + c.old_path) << (c.is_dir ? ", dir" : "")
+      << (c.rescan ? ", rescan" : "") << ")";
 }
 
 namespace {
@@ -138,6 +139,34 @@ TEST(Coalescer, CollapsesToDirectoryRescansBeyondMaxPaths) {
   EXPECT_EQ(c.take(t0 + 3s), std::vector{change(Kind::Modify, "a/1")});
 }
 
+TEST(Coalescer, CollapsedRescansCarryTheWindowsClockFloor) {
+  Coalescer c(CoalescerOptions{.max_paths = 2});
+  c.set_clock_floor(5000);
+  c.modified("a/1", t0);
+  c.set_clock_floor(9000);  // later reads: the floor moves on, but the window began at 5000
+  c.modified("a/2", t0);
+  c.modified("b/1", t0);
+  c.rescan("c", t0, 0);  // an explicit rescan with no floor keeps none
+  auto out = c.take(t0 + 1s);
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].path, "");  // a, b and c do not fit in two paths: the root, from the earliest floor
+  EXPECT_EQ(out[0].since_ns, 0);
+
+  Coalescer d(CoalescerOptions{.max_paths = 2});
+  d.set_clock_floor(5000);
+  d.modified("a/1", t0);
+  d.modified("a/2", t0);
+  d.modified("a/3", t0);
+  out = d.take(t0 + 1s);
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].path, "a");
+  EXPECT_EQ(out[0].since_ns, 5000);
+  // The next window starts from the floor of its own first event.
+  d.set_clock_floor(7000);
+  d.rescan("z", t0 + 2s, 7000);
+  EXPECT_EQ(d.take(t0 + 3s)[0].since_ns, 7000);
+}
+
 TEST(Coalescer, CollapsesToTheRootWhenDirectoriesAlsoOverflow) {
   Coalescer c(CoalescerOptions{.max_paths = 3});
   for (int i = 0; i < 10; ++i) c.created("d" + std::to_string(i) + "/f", false, t0);
@@ -195,7 +224,8 @@ TEST(EncodeBatches, SplitsByCountAndBytesAndNumbersThem) {
   for (int i = 0; i < 2500; ++i) changes.push_back(change(Kind::Modify, "some/dir/file" + std::to_string(i)));
   changes.push_back(change(Kind::Rename, "to", "from"));
   uint64_t seq = 41;
-  const auto batches = encode_batches("home", changes, &seq, BatchLimits{.max_events = 1000, .max_bytes = 32 * 1024});
+  const auto batches =
+      encode_batches("home", changes, &seq, BatchLimits{.max_events = 1000, .max_bytes = 32 * 1024});
   ASSERT_GE(batches.size(), 3u);
   EXPECT_EQ(seq, 41 + batches.size());
   size_t total = 0;
@@ -225,6 +255,7 @@ TEST(EncodeBatches, RescanFlagRoundTrips) {
   ASSERT_EQ(batches.size(), 1u);
   const auto* e = wire::GetControl(batches[0].GetBufferPointer())->message_as_FileEvents()->events()->Get(0);
   EXPECT_TRUE(e->rescan());
+  EXPECT_EQ(e->changed_since_ns(), 0);
   EXPECT_TRUE(e->is_dir());
   EXPECT_EQ(e->path()->str(), "");
 }

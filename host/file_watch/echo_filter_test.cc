@@ -89,7 +89,8 @@ TEST(EchoFilter, WidensToTheWholeSharePastMaxTrees) {
 
 TEST(EchoFilter, BoundedUnderAStorm) {
   EchoFilter f(EchoFilterOptions{.max_paths = 1000, .max_trees = 100});
-  for (int i = 0; i < 100000; ++i) f.expect("d" + std::to_string(i % 5000) + "/f" + std::to_string(i), sig(), t0);
+  for (int i = 0; i < 100000; ++i)
+    f.expect("d" + std::to_string(i % 5000) + "/f" + std::to_string(i), sig(), t0);
   EXPECT_LE(f.size(), 1100u);
   // Every path expected is still covered.
   EXPECT_TRUE(f.is_echo("d4999/f99999", sig(0100644, 1000, 2000), t0));

@@ -11,6 +11,7 @@
 #include <flatbuffers/flatbuffers.h>
 #include <uv.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -41,16 +42,16 @@ struct Batch {
 };
 
 struct WatcherCounters {
-  uint64_t raw_events = 0;        // events read from the kernel
+  uint64_t raw_events = 0;  // events read from the kernel
   uint64_t batches = 0;
-  uint64_t changes = 0;           // FileEvent entries sent
+  uint64_t changes = 0;  // FileEvent entries sent
   uint64_t echoes_suppressed = 0;
-  uint64_t overflows = 0;         // kernel queue overflows (each becomes a rescan of every share)
-  uint64_t watches = 0;           // directories watched now
-  uint64_t watch_errors = 0;      // directories that could not be watched (see last_error)
+  uint64_t overflows = 0;     // kernel queue overflows (each becomes a rescan of every share)
+  uint64_t watches = 0;       // directories watched now
+  uint64_t watch_errors = 0;  // directories that could not be watched (see last_error)
   uint64_t coalesce_collapses = 0;
   uint64_t pending_paths = 0;
-  uint64_t window_ms = 0;         // current coalescing window
+  uint64_t window_ms = 0;  // current coalescing window
 };
 
 class Watcher {
@@ -58,8 +59,12 @@ class Watcher {
   virtual ~Watcher() = default;
   // Readable when drain() has something to do. Owned by the watcher.
   virtual int fd() const = 0;
-  // Processes what is pending and returns the batches due now (possibly none). Never blocks.
-  virtual std::vector<Batch> drain() = 0;
+  // Processes what is pending and returns at most `max_batches` of the batches due now (possibly none).
+  // Never blocks. Backpressure: while the transport cannot take more (e.g. the mux has much unsent),
+  // call drain(0): events are still read and merged — memory stays within the coalescer's bound, and a
+  // flood becomes directory rescans instead of a kernel queue overflow — and fd() does not wake the loop
+  // for due batches. Call drain() again when the transport can take more.
+  virtual std::vector<Batch> drain(size_t max_batches = SIZE_MAX) = 0;
   // Queues a rescan of every share's root, e.g. after the transport reconnected and events were lost.
   virtual void rescan_all() = 0;
   virtual WatcherCounters counters() const = 0;

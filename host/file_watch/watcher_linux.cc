@@ -26,6 +26,7 @@ constexpr int kMaxReadsPerDrain = 32;  // then yield to the loop; the epoll fd s
 // Slack between "the queue was empty at T" and the ctime the file system stamps on a later change: coarse
 // file system timestamps and wall-clock steps.
 constexpr int64_t kClockSlackNs = 2'000'000'000;
+constexpr size_t kMaxRescanMemory = 4096;
 
 int64_t realtime_ns() {
   struct timespec ts {};
@@ -73,7 +74,8 @@ std::string InotifyWatcher::watch_limit_message(const std::string& path) {
       "inotify watch limit reached while watching {}: fs.inotify.max_user_watches is {} "
       "(/proc/sys/fs/inotify/max_user_watches) and every watched directory takes one; raise it with "
       "`sudo sysctl -w fs.inotify.max_user_watches={}` (make it permanent with a line "
-      "`fs.inotify.max_user_watches={}` in /etc/sysctl.d/90-vbridge.conf)",
+      "`fs.inotify.max_user_watches={}` in /etc/sysctl.d/90-vbridge.conf; inside a user namespace the "
+      "limit is /proc/sys/user/max_inotify_watches)",
       path, current, suggest, suggest);
 }
 
@@ -150,7 +152,8 @@ std::string InotifyWatcher::full_path(uint32_t share, std::string_view rel) cons
   return join(root, rel);
 }
 
-Status InotifyWatcher::watch_tree(uint32_t share, const std::string& rel, Report report, Clock::time_point now) {
+Status InotifyWatcher::watch_tree(uint32_t share, const std::string& rel, Report report,
+                                  Clock::time_point now) {
   Coalescer& co = shares_[share].coalescer;
   std::vector<std::string> stack{rel};
   while (!stack.empty()) {
@@ -175,7 +178,9 @@ Status InotifyWatcher::watch_tree(uint32_t share, const std::string& rel, Report
       continue;
     }
     dirs_[wd] = Dir{share, dir};
-    if (report == Report::kRescan) co.rescan(dir, now);
+    // After an overflow: the lost events were queued after the queue was last seen empty.
+    if (report == Report::kRescan)
+      co.rescan(dir, now, std::max<int64_t>(queue_empty_rt_ns_ - kClockSlackNs, 1));
 
     const int dfd = ::open(full.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (dfd < 0) continue;
@@ -272,7 +277,8 @@ void InotifyWatcher::handle(const struct inotify_event& ev, Clock::time_point no
   } else if (ev.mask & IN_MOVED_FROM) {
     moves_.push_back(PendingMove{ev.cookie, share, std::move(path), is_dir});
   } else if (ev.mask & IN_MOVED_TO) {
-    auto m = std::find_if(moves_.begin(), moves_.end(), [&](const PendingMove& p) { return p.cookie == ev.cookie; });
+    auto m = std::find_if(moves_.begin(), moves_.end(),
+                          [&](const PendingMove& p) { return p.cookie == ev.cookie; });
     if (m != moves_.end() && m->share == share) {
       co.renamed(m->path, path, is_dir, now);
       if (is_dir) rekey_watches(share, m->path, path);
@@ -299,6 +305,19 @@ void InotifyWatcher::settle_moves(Clock::time_point now) {
   moves_.clear();
 }
 
+void InotifyWatcher::narrow_rescans(uint32_t share, std::vector<FileChange>& changes) {
+  const int64_t now_rt = realtime_ns();
+  for (FileChange& c : changes) {
+    if (!c.rescan || c.since_ns == 0) continue;  // 0: nothing is known, the guest looks at everything
+    std::string key = fmt::format("{}\n{}", share, c.path);
+    auto it = last_rescan_rt_ns_.find(key);
+    if (it != last_rescan_rt_ns_.end()) c.since_ns = std::max(c.since_ns, it->second - kClockSlackNs);
+    if (last_rescan_rt_ns_.size() >= kMaxRescanMemory && it == last_rescan_rt_ns_.end())
+      last_rescan_rt_ns_.clear();
+    last_rescan_rt_ns_[std::move(key)] = now_rt;
+  }
+}
+
 void InotifyWatcher::expect_echoes(uint32_t share, const std::vector<FileChange>& changes,
                                    Clock::time_point now) {
   // What the injector touches for each change (guest/file_events/injector.cc): the path itself unless it is
@@ -323,15 +342,19 @@ void InotifyWatcher::expect_echoes(uint32_t share, const std::vector<FileChange>
   }
 }
 
-void InotifyWatcher::arm_timer() {
+void InotifyWatcher::arm_timer(bool can_take) {
   std::optional<Clock::time_point> earliest;
-  for (const auto& s : shares_) {
-    if (auto d = s.coalescer.deadline(); d && (!earliest || *d < *earliest)) earliest = d;
+  if (can_take) {
+    if (!ready_.empty()) earliest = Clock::now();
+    for (const auto& s : shares_) {
+      if (auto d = s.coalescer.deadline(); d && (!earliest || *d < *earliest)) earliest = d;
+    }
   }
   struct itimerspec its {};
   if (earliest) {
     // steady_clock is CLOCK_MONOTONIC here; an absolute deadline already past fires at once.
-    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(earliest->time_since_epoch()).count();
+    const auto ns =
+        std::chrono::duration_cast<std::chrono::nanoseconds>(earliest->time_since_epoch()).count();
     its.it_value.tv_sec = std::max<int64_t>(ns / 1'000'000'000, 0);
     its.it_value.tv_nsec = ns % 1'000'000'000;
     if (its.it_value.tv_sec == 0 && its.it_value.tv_nsec == 0) its.it_value.tv_nsec = 1;
@@ -339,12 +362,13 @@ void InotifyWatcher::arm_timer() {
   ::timerfd_settime(timer_fd_, TFD_TIMER_ABSTIME, &its, nullptr);
 }
 
-std::vector<Batch> InotifyWatcher::drain() {
+std::vector<Batch> InotifyWatcher::drain(size_t max_batches) {
   uint64_t expirations = 0;
   (void)!::read(timer_fd_, &expirations, sizeof expirations);
 
   // Whatever is queued now happened after the queue was last seen empty.
-  for (auto& s : shares_) s.coalescer.set_clock_floor(std::max<int64_t>(queue_empty_rt_ns_ - kClockSlackNs, 1));
+  for (auto& s : shares_)
+    s.coalescer.set_clock_floor(std::max<int64_t>(queue_empty_rt_ns_ - kClockSlackNs, 1));
   alignas(struct inotify_event) static thread_local std::array<char, kReadBuffer> buf;
   for (int reads = 0; reads < kMaxReadsPerDrain; ++reads) {
     const int64_t before_read = realtime_ns();
@@ -369,34 +393,40 @@ std::vector<Batch> InotifyWatcher::drain() {
   const auto now = Clock::now();
   settle_moves(now);
 
-  std::vector<Batch> out;
-  for (uint32_t i = 0; i < shares_.size(); ++i) {
-    std::vector<FileChange> changes = shares_[i].coalescer.take(now);
-    if (changes.empty()) continue;
-    expect_echoes(i, changes, now);
-    counters_.changes += changes.size();
-    const uint64_t first_seq = seq_;
-    auto messages = encode_batches(shares_[i].share.name, changes, &seq_, batch_limits_);
-    uint64_t seq = first_seq;
-    for (auto& m : messages) {
-      Batch b;
-      b.share = shares_[i].share.name;
-      b.seq = ++seq;
-      const auto* fe = flatbuffers::GetRoot<wire::Control>(m.GetBufferPointer())->message_as_FileEvents();
-      b.events = fe != nullptr && fe->events() != nullptr ? fe->events()->size() : 0;
-      b.message = std::move(m);
-      out.push_back(std::move(b));
+  // Take from the coalescers only when everything taken before has been handed out, so what waits is
+  // bounded by the coalescers' own limit.
+  if (max_batches > 0 && ready_.empty()) {
+    for (uint32_t i = 0; i < shares_.size(); ++i) {
+      std::vector<FileChange> changes = shares_[i].coalescer.take(now);
+      if (changes.empty()) continue;
+      narrow_rescans(i, changes);
+      expect_echoes(i, changes, now);
+      counters_.changes += changes.size();
+      for (auto& m : encode_batches(shares_[i].share.name, changes, &seq_, batch_limits_)) {
+        Batch b;
+        b.share = shares_[i].share.name;
+        const auto* fe = flatbuffers::GetRoot<wire::Control>(m.GetBufferPointer())->message_as_FileEvents();
+        b.seq = fe->seq();
+        b.events = fe->events() != nullptr ? fe->events()->size() : 0;
+        b.message = std::move(m);
+        ready_.push_back(std::move(b));
+      }
     }
   }
+  std::vector<Batch> out;
+  while (!ready_.empty() && out.size() < max_batches) {
+    out.push_back(std::move(ready_.front()));
+    ready_.pop_front();
+  }
   counters_.batches += out.size();
-  arm_timer();
+  arm_timer(max_batches > 0);
   return out;
 }
 
 void InotifyWatcher::rescan_all() {
   const auto now = Clock::now();
   for (auto& s : shares_) s.coalescer.rescan("", now);
-  arm_timer();
+  arm_timer(true);
 }
 
 WatcherCounters InotifyWatcher::counters() const {

@@ -11,6 +11,7 @@
 
 #include <sys/inotify.h>
 
+#include <deque>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -28,7 +29,7 @@ class InotifyWatcher final : public Watcher {
   InotifyWatcher& operator=(const InotifyWatcher&) = delete;
 
   int fd() const override { return epoll_fd_; }
-  std::vector<Batch> drain() override;
+  std::vector<Batch> drain(size_t max_batches = SIZE_MAX) override;
   void rescan_all() override;
   WatcherCounters counters() const override;
   const std::string& last_error() const override { return last_error_; }
@@ -38,8 +39,9 @@ class InotifyWatcher final : public Watcher {
 
   // The events a watched directory subscribes to. Not IN_OPEN / IN_CLOSE_*: writes show as IN_MODIFY, and
   // the guest injector's open-for-write must not echo back.
-  static constexpr uint32_t kMask = IN_CREATE | IN_DELETE | IN_MODIFY | IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO |
-                                    IN_DELETE_SELF | IN_MOVE_SELF | IN_EXCL_UNLINK | IN_ONLYDIR | IN_DONT_FOLLOW;
+  static constexpr uint32_t kMask = IN_CREATE | IN_DELETE | IN_MODIFY | IN_ATTRIB | IN_MOVED_FROM |
+                                    IN_MOVED_TO | IN_DELETE_SELF | IN_MOVE_SELF | IN_EXCL_UNLINK |
+                                    IN_ONLYDIR | IN_DONT_FOLLOW;
 
  private:
   struct ShareState {
@@ -67,8 +69,10 @@ class InotifyWatcher final : public Watcher {
   void settle_moves(Clock::time_point now);
   void rekey_watches(uint32_t share, const std::string& from, const std::string& to);
   void forget_watches(uint32_t share, const std::string& prefix);
+  // Rescans of a directory that was rescanned before only go back to that earlier rescan.
+  void narrow_rescans(uint32_t share, std::vector<FileChange>& changes);
   void expect_echoes(uint32_t share, const std::vector<FileChange>& changes, Clock::time_point now);
-  void arm_timer();
+  void arm_timer(bool can_take);
   std::string full_path(uint32_t share, std::string_view rel) const;
 
   int inotify_fd_ = -1;
@@ -77,6 +81,7 @@ class InotifyWatcher final : public Watcher {
   std::vector<ShareState> shares_;
   std::unordered_map<int, Dir> dirs_;  // by watch descriptor
   std::vector<PendingMove> moves_;     // IN_MOVED_FROM waiting for its IN_MOVED_TO
+  std::deque<Batch> ready_;            // encoded, not yet taken by the caller (at most one take's worth)
   EchoFilter echo_;
   BatchLimits batch_limits_;
   uint64_t seq_ = 0;
@@ -84,6 +89,9 @@ class InotifyWatcher final : public Watcher {
   std::string last_error_;
   bool limit_logged_ = false;
   int64_t queue_empty_rt_ns_ = 0;  // wall-clock time the inotify queue was last read empty
+  // When a rescan of a directory was last handed out: entries changed before then were touched by it, so
+  // the next rescan of that directory need not go further back. Bounded; forgetting is always safe.
+  std::unordered_map<std::string, int64_t> last_rescan_rt_ns_;
 };
 
 }  // namespace vbridge::file_watch

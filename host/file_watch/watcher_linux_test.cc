@@ -46,8 +46,8 @@ std::vector<FileChange> decode(const std::vector<Batch>& batches) {
   for (const auto& b : batches) {
     const auto* fe = wire::GetControl(b.message.GetBufferPointer())->message_as_FileEvents();
     for (const auto* e : *fe->events()) {
-      out.push_back(FileChange{e->kind(), e->path() ? e->path()->str() : "", e->old_path() ? e->old_path()->str() : "",
-                               e->is_dir(), e->rescan()});
+      out.push_back(FileChange{e->kind(), e->path() ? e->path()->str() : "",
+                               e->old_path() ? e->old_path()->str() : "", e->is_dir(), e->rescan()});
     }
   }
   return out;
@@ -60,7 +60,9 @@ std::vector<FileChange> collect(Watcher& w, std::chrono::milliseconds quiet = 15
   const auto end = Clock::now() + limit;
   auto last = Clock::now();
   while (Clock::now() < end && Clock::now() - last < quiet) {
-    struct pollfd p {w.fd(), POLLIN, 0};
+    struct pollfd p {
+      w.fd(), POLLIN, 0
+    };
     ::poll(&p, 1, 10);
     auto batch = decode(w.drain());
     if (!batch.empty()) last = Clock::now();
@@ -78,8 +80,8 @@ bool has(const std::vector<FileChange>& v, Kind kind, const std::string& path, c
 std::string dump(const std::vector<FileChange>& v) {
   std::string s;
   for (const auto& c : v) {
-    s += std::string(wire::EnumNameFileEventKind(c.kind)) + " " + c.path + (c.old_path.empty() ? "" : " <- " + c.old_path) +
-         (c.rescan ? " (rescan)" : "") + "\n";
+    s += std::string(wire::EnumNameFileEventKind(c.kind)) + " " + c.path +
+         (c.old_path.empty() ? "" : " <- " + c.old_path) + (c.rescan ? " (rescan)" : "") + "\n";
   }
   return s;
 }
@@ -207,7 +209,9 @@ TEST(InotifyWatcher, UnexpectedAttribIsForwarded) {
 TEST(InotifyWatcher, FdIsIdleWhenNothingHappens) {
   TempDir d;
   auto w = watch(d);
-  struct pollfd p {w->fd(), POLLIN, 0};
+  struct pollfd p {
+    w->fd(), POLLIN, 0
+  };
   EXPECT_EQ(::poll(&p, 1, 50), 0);
   write_file(d / "f", "x");
   EXPECT_EQ(::poll(&p, 1, 1000), 1);
@@ -215,6 +219,46 @@ TEST(InotifyWatcher, FdIsIdleWhenNothingHappens) {
   EXPECT_EQ(::poll(&p, 1, 1000), 1) << "the coalescing timer wakes the loop";
   EXPECT_EQ(w->drain().size(), 1u);
   EXPECT_EQ(::poll(&p, 1, 50), 0);
+}
+
+TEST(InotifyWatcher, HoldsBatchesWhileTheConsumerIsBackedUp) {
+  TempDir d;
+  auto w = watch(d);
+  struct pollfd p {
+    w->fd(), POLLIN, 0
+  };
+  write_file(d / "a", "x");
+  ASSERT_EQ(::poll(&p, 1, 1000), 1);
+  EXPECT_TRUE(w->drain(0).empty());
+  write_file(d / "b", "x");
+  ASSERT_EQ(::poll(&p, 1, 1000), 1);  // new events still wake the loop...
+  EXPECT_TRUE(w->drain(0).empty());
+  ::usleep(50000);
+  EXPECT_EQ(::poll(&p, 1, 50), 0) << "...but a due window does not while the consumer is backed up";
+  const auto v = decode(w->drain());
+  EXPECT_TRUE(has(v, Kind::Create, "a")) << dump(v);
+  EXPECT_TRUE(has(v, Kind::Create, "b")) << dump(v);
+}
+
+TEST(InotifyWatcher, HandsOutAtMostMaxBatches) {
+  TempDir d;
+  WatcherOptions o;
+  o.batch.max_events = 2;
+  auto w = InotifyWatcher::create({Share{"s", d.path()}}, o);
+  ASSERT_TRUE(w.ok());
+  for (int i = 0; i < 5; ++i) write_file(d / ("f" + std::to_string(i)), "x");
+  ::usleep(50000);
+  struct pollfd p {
+    (*w)->fd(), POLLIN, 0
+  };
+  size_t batches = 0;
+  for (int i = 0; i < 20 && batches < 3; ++i) {
+    ::poll(&p, 1, 100);
+    const auto got = (*w)->drain(1);
+    EXPECT_LE(got.size(), 1u);
+    batches += got.size();
+  }
+  EXPECT_EQ(batches, 3u);  // 5 creates, 2 per batch, one batch per drain
 }
 
 TEST(InotifyWatcher, RescanAllQueuesARootRescan) {

@@ -3,12 +3,17 @@
 // Input: u8 flags | u8 split | u16 seed | wire bytes
 //   flags bit 0     prefix the wire bytes with a valid HELLO from a host
 //   flags bits 1-4  shrink one limit each: window, max_frame, max_streams, max_buffered
+//   flags bit 5     resync mode (skip stale bytes until the peer's HELLO); bit 6: at most 4 KiB of them
+//   flags bit 7     with bit 0: the first wire byte says how many of the following bytes go before the HELLO
 //   split           0: one feed; 1: one byte per feed; else chunk sizes drawn in [1, 2^(split % 17)]
 //   seed            drives the application's choices (accept, reject, consume, reset, shutdown, send)
 //
 // Invariants: no crash or sanitizer report; the stream table matches what the application was told;
 // peer streams <= max_streams; buffered_bytes <= max_buffered; received bytes never exceed the credit given;
-// no callback for a stream after it ended; an error, once returned, sticks.
+// no callback for a stream after it ended; an error, once returned, sticks; in resync mode, stale bytes
+// without a HELLO signature in them never keep the HELLO behind them from being found.
+#include <algorithm>
+#include <array>
 #include <map>
 #include <optional>
 #include <vector>
@@ -236,6 +241,14 @@ std::vector<std::byte> host_hello() {
   return out;
 }
 
+// Whether `bytes` hold the start of a HELLO: its fixed header and magic, which resync mode looks for.
+bool contains_signature(std::span<const std::byte> bytes) {
+  std::array<std::byte, kFrameHeaderSize + 4> sig{};
+  encode_header(FrameHeader{kHelloPayloadSize, 0, FrameType::kHello, 0}, sig.data());
+  store_u32(sig.data() + kFrameHeaderSize, kHelloMagic);
+  return std::search(bytes.begin(), bytes.end(), sig.begin(), sig.end()) != bytes.end();
+}
+
 // Takes what the mux has to send, sometimes only part of it, and throws it away.
 void drain(Mux& mux, Rng& rng) {
   iovec iov[16];
@@ -265,11 +278,20 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (flags & 4) config.max_frame = 1024;
   if (flags & 8) config.max_streams = 2;
   if (flags & 16) config.max_buffered = 8 * 1024;
+  config.resync = (flags & 32) != 0;
+  if (flags & 64) config.max_resync_skip = 4096;
 
-  std::vector<std::byte> wire;
-  if (flags & 1) wire = host_hello();
+  // [stale bytes] [HELLO] rest
+  std::span<const std::byte> stale;
+  if ((flags & 1) && (flags & 128)) stale = in.bytes(in.u8());
+  std::vector<std::byte> wire(stale.begin(), stale.end());
+  if (flags & 1) {
+    const auto hello = host_hello();
+    wire.insert(wire.end(), hello.begin(), hello.end());
+  }
   const auto rest = in.rest();
   wire.insert(wire.end(), rest.begin(), rest.end());
+  const size_t hello_end = (flags & 1) ? stale.size() + kFrameHeaderSize + kHelloPayloadSize : 0;
 
   BufferPool pool(64 * 1024, 8);  // outlives the mux and the application's Slices
   GuardedFeed feed;
@@ -289,6 +311,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     chunk = std::min({chunk, wire.size() - pos, GuardedFeed::kMax});
     const Status st = mux.feed(feed.slice(std::span(wire).subspan(pos, chunk)));
     pos += chunk;
+    if (config.resync && hello_end > 0 && pos >= hello_end && !contains_signature(stale)) {
+      // Skipped in whole chunks, so a chunk may carry up to a signature's worth of HELLO into the count.
+      if (stale.size() + 2 * kFrameHeaderSize + 4 <= config.max_resync_skip) FUZZ_CHECK(app.ready);
+    }
     if (!st) {
       failed = true;
       FUZZ_CHECK(mux.failure().has_value());

@@ -115,6 +115,12 @@ void decoder_seeds() {
   });
   write("fuzz_decoder", "simple", decoder_input(0x01, 0, 1, simple));
   write("fuzz_decoder", "simple_bytewise", decoder_input(0x01, 1, 2, simple));
+  // Resync: the tail of an old session's DATA frame, then the HELLO, then traffic.
+  const std::string stale = std::string("\x40\x00\x00\x00\x03\x00\x00\x00\x01\x00\x00\x00", 12) + "old bytes";
+  write("fuzz_decoder", "resync",
+        decoder_input(0x01 | 0x20 | 0x80, 3, 11, static_cast<char>(stale.size()) + stale + simple));
+  write("fuzz_decoder", "resync_limit",
+        decoder_input(0x01 | 0x20 | 0x40 | 0x80, 1, 12, static_cast<char>(stale.size()) + stale + simple));
 
   Pair whole;
   const StreamId id = *whole.host.open(testing::unix_target("/s"));

@@ -532,7 +532,9 @@ class Storm(SelftestCase):
         print(f"\nstorm: 100000 changes written in {write_s:.1f} s, guest settled after {settle_s:.1f} s; "
               f"host {after['host']['changes']} changes in {after['host']['batches']} batches "
               f"({after['host']['coalesce_collapses']} collapses, {after['host']['overflows']} overflows), "
-              f"peak RSS host {after['host']['hwm_kb']} KiB / guest {after['guest']['hwm_kb']} KiB; "
+              f"peak RSS host {after['host']['hwm_kb']} KiB / guest {after['guest']['hwm_kb']} KiB; guest touched "
+              f"{after['guest']['file_touches']} files and {after['guest']['dir_touches']} directories "
+              f"({after['guest']['rescan_unchanged']} unchanged entries skipped); "
               f"{len(watch.lines())} guest inotify events", file=sys.stderr)  # fmt: skip
 
 

@@ -56,6 +56,12 @@ class PortForwardTest(FixtureTestCase):
         flag = "-ltn" if proto == "tcp" else "-lun"
         wait_for(lambda: f":{port} " in self.netns.run(["ss", "-H", flag]).stdout, 10, f"guest {proto} port {port}")
 
+    def wait_forwarded(self, port: int, proto: str = "tcp") -> None:
+        # Status, not a probe connection: a one-shot server (iperf3 -1, socat without fork) would take the
+        # probe for its one client.
+        wait_for(lambda: any(p["proto"] == proto and p["guest_port"] == port and p["ok"] for p in host_ports(self.host)),
+                 5, f"the {proto} port {port} on the host")
+
     def test_http_v4_appears_and_disappears(self) -> None:
         server = self.serve_http("127.0.0.1")
         self.wait_guest_listening(HTTP_PORT)
@@ -89,7 +95,7 @@ class PortForwardTest(FixtureTestCase):
         self.netns.spawn(self.workdir, "iperf3-server", ["iperf3", "-s", "-p", str(port), "-1"])
         self.wait_guest_listening(port)
         self.start_host()
-        wait_for(lambda: connects("127.0.0.1", port), 5, "the iperf3 port on the host")
+        self.wait_forwarded(port)
         r = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", "2", "-J"], capture_output=True,
                            text=True, timeout=60)
         self.assertEqual(r.returncode, 0, r.stdout[-2000:] + r.stderr)
@@ -104,7 +110,7 @@ class PortForwardTest(FixtureTestCase):
         self.wait_guest_listening(port)
         # iperf3 opens its UDP socket only once the test starts: publish the UDP port statically.
         self.start_host("--publish", f"127.0.0.1:{port}:{port}/udp")
-        wait_for(lambda: connects("127.0.0.1", port), 5, "the iperf3 control port on the host")
+        self.wait_forwarded(port)
         r = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-u", "-b", "200M", "-t", "2", "-J"],
                            capture_output=True, text=True, timeout=60)
         self.assertEqual(r.returncode, 0, r.stdout[-2000:] + r.stderr)
@@ -187,7 +193,7 @@ class PortForwardTest(FixtureTestCase):
         server = self.netns.spawn(self.workdir, "sink", ["socat", f"TCP-LISTEN:{port},bind=127.0.0.1", "PIPE"])
         self.wait_guest_listening(port)
         self.start_host()
-        wait_for(lambda: connects("127.0.0.1", port), 5, "the forwarded port")
+        self.wait_forwarded(port)
         with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
             c.sendall(b"ping\n")
             self.assertEqual(c.recv(5), b"ping\n")
