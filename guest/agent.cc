@@ -10,7 +10,6 @@
 #include <utility>
 
 #include "protocol/datagram.h"
-
 #include "protocol/log.h"
 
 namespace vbridge::guest {
@@ -380,7 +379,7 @@ void Agent::scan_ports() {
   if (!diff->empty() && active_ && active_->host_ready()) active_->send_ports(*diff, config_.ports.max_per_message);
 }
 
-void Agent::host_ready(Session& session) {
+void Agent::on_host_ready(Session& session) {
   if (!watcher_) return;
   // The snapshot replaces whatever the host knew; a scan that fails now leaves the next one a snapshot.
   watcher_->reset();

@@ -88,7 +88,7 @@ class Agent final : private SessionHooks {
   Status setup();
 
   // SessionHooks
-  void host_ready(Session& session) override;
+  void on_host_ready(Session& session) override;
   const std::set<PortEntry>* guest_listeners(bool rescan) override;
 
   void dispatch(const io_uring_cqe& cqe);

@@ -1,6 +1,7 @@
 // vbridge-guest: the agent inside the VM. Wires the command line to an Agent and runs it.
 #include <CLI/CLI.hpp>
 #include <signal.h>
+#include <sys/resource.h>
 
 #include <string>
 #include <vector>
@@ -78,6 +79,11 @@ int main(int argc, char** argv) {
   log::set_level(level);
   // Writes use MSG_NOSIGNAL on sockets, but a serial port write cannot; a vanished peer is an error value.
   signal(SIGPIPE, SIG_IGN);
+  // One descriptor per stream (each forwarded connection and UDP flow): the soft limit goes up to the hard one.
+  if (rlimit rl{}; getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+  }
 
   guest::AgentConfig config;
   auto address = parse_address(listen);

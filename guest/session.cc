@@ -38,8 +38,7 @@ struct Session::Conn {
   };
 
   Phase phase = Phase::kDialing;
-  bool datagram = false;     // a UDP flow
-  bool opened_here = false;  // the guest opened the stream (a --reverse-unix client)
+  bool datagram = false;  // a UDP flow
   std::unique_ptr<DatagramAssembler> assembler;
   uint32_t slot = 0;
   StreamId id = 0;
@@ -260,7 +259,7 @@ void Session::feed(const Slice& bytes) {
 void Session::on_ready(const Hello& peer) {
   log::info("{}: host ready (protocol {}, max frame {}, window {}, max streams {})", peer_, peer.version,
             peer.max_frame, peer.initial_window, peer.max_streams);
-  env_.hooks.host_ready(*this);
+  env_.hooks.on_host_ready(*this);
 }
 
 void Session::send_ports(const PortDiff& diff, size_t max_listeners) {
@@ -311,7 +310,6 @@ void Session::open_reverse(int fd, const std::string& name, const std::string& g
   ++env_.counters.reverse_opened;
   Conn& c = new_conn(*id, DialPlan{fmt::format("client of {} (host target \"{}\")", guest_path, name), {}});
   c.fd = fd;
-  c.opened_here = true;
   // The guest's bytes may go out before the host answers; the host's wait for its open to succeed.
   c.phase = Conn::Phase::kOpen;
   log::at(log::Level::kDebug, c.id, "opened {}", c.plan.description);
@@ -528,7 +526,11 @@ void Session::send_datagrams(Conn& c, const Slice& records) {
 // tail so that its length prefix goes in front without a copy.
 void Session::on_datagrams_readable(Conn& c, int res) {
   c.reading = false;
-  if (c.phase == Conn::Phase::kClosing || res < 0) return;  // cancelled, or a poll error: sync() re-arms
+  if (c.phase == Conn::Phase::kClosing || res == -EINTR) return;  // closing; or sync() re-arms the poll
+  if (res < 0) {
+    fail_conn(c, fmt::format("{}: poll: {}", c.plan.description, std::strerror(-res)));
+    return;
+  }
   for (int i = 0; i < 64; ++i) {
     const std::span<std::byte> space = env_.datagram_arena.writable();
     const ssize_t n = ::recv(c.fd, space.data() + kDatagramPrefix, kMaxDatagram, MSG_DONTWAIT);

@@ -84,7 +84,7 @@ class SessionHooks {
  public:
   virtual ~SessionHooks() = default;
   // The host finished the handshake; the agent answers with a full PORTS snapshot (Session::send_ports).
-  virtual void host_ready(Session& session) = 0;
+  virtual void on_host_ready(Session& session) = 0;
   // The guest's listeners as last scanned, or null when ports are not watched. `rescan`: scan first (an
   // OPEN named a port the last scan did not show, e.g. a static forward's first client beat the poll).
   virtual const std::set<PortEntry>* guest_listeners(bool rescan) = 0;

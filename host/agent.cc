@@ -12,7 +12,7 @@ namespace vbridge {
 using Clock = std::chrono::steady_clock;
 
 Agent::Agent(uv_loop_t* loop, AgentConfig config)
-    : loop_(loop), config_(std::move(config)), pool_(256 * 1024, 256), client_arena_(pool_) {
+    : loop_(loop), config_(std::move(config)), pool_(1024 * 1024, 64), client_arena_(pool_) {
   uv_timer_init(loop_, &dial_timer_);
   uv_timer_init(loop_, &tick_timer_);
   uv_idle_init(loop_, &reaper_);
@@ -46,6 +46,16 @@ Status Agent::start() {
   for (const StaticPortForward& f : config_.static_ports) {
     if (Status st = ports_->add_static(f.proto, f.host_address, f.host_port, f.guest_port); !st) return st;
   }
+  if (!config_.shares.empty()) {
+    auto watcher = file_watch::make_watcher(loop_, config_.shares);
+    if (!watcher) return watcher.error();
+    watcher_ = std::move(*watcher);
+    // The watcher owns its descriptor; the Poller gets a duplicate to close.
+    watch_poller_ = std::make_unique<Poller>(loop_, UniqueFd(::dup(watcher_->fd())),
+                                             [this](int, int) { pump_file_events(); });
+    watch_poller_->want(true, false);
+    for (const auto& share : config_.shares) log::info("watching {} as share {}", share.root, share.name);
+  }
   if (!config_.status_path.empty()) {
     auto listener = Listener::listen(loop_, Address{Address::Kind::kUnix, config_.status_path},
                                      [this](UniqueFd client) { serve_status(std::move(client)); });
@@ -64,6 +74,8 @@ void Agent::stop() {
             counters_.reconnects);
   listeners_.clear();
   ports_.reset();
+  watch_poller_.reset();
+  watcher_.reset();
   if (session_) {
     session_->mux().goaway("host agent stopping");
     session_->flush();
@@ -111,6 +123,13 @@ void Agent::on_session_ready(const Hello& peer) {
   auto waiting = std::move(pending_);
   pending_.clear();
   for (auto& p : waiting) p.bridge->attach(*session_);
+  if (watcher_) {
+    if ((peer.features & kFeatureFileEvents) == 0) {
+      log::warn("the guest agent replays no file events (start it with --share NAME=GUEST_PATH)");
+    }
+    watcher_->rescan_all();  // whatever changed while the guest was away
+    pump_file_events();
+  }
 }
 
 void Agent::on_session_lost(const Error& error) {
@@ -173,9 +192,22 @@ void Agent::reap() {
   }
 }
 
+void Agent::pump_file_events() {
+  if (!watcher_) return;
+  constexpr uint64_t kMaxUnsent = 8ull << 20;
+  const bool can_send = ready_ && session_ && !session_->lost() && session_->mux().peer() &&
+                        (session_->mux().peer()->features & kFeatureFileEvents) != 0 &&
+                        session_->mux().buffered_bytes() < kMaxUnsent;
+  std::vector<file_watch::Batch> batches = watcher_->drain(can_send ? 16 : 0);
+  if (batches.empty()) return;
+  for (file_watch::Batch& b : batches) session_->mux().send_control(b.message);
+  session_->flush();
+}
+
 void Agent::on_tick() {
   const auto now = Clock::now();
   if (ports_) ports_->tick();
+  pump_file_events();  // picks up batches held back while the transport was busy or down
   while (!pending_.empty() && pending_.front().deadline <= now) {
     ++counters_.clients_failed;
     SocketBridge* b = pending_.front().bridge;
@@ -237,6 +269,14 @@ std::string Agent::status_json() const {
   }
   j["forwards"] = forwards;
   j["ports"] = ports_ ? ports_->status() : nlohmann::json::array();
+  if (watcher_) {
+    const file_watch::WatcherCounters c = watcher_->counters();
+    j["file_events"] = {{"shares", config_.shares.size()},  {"watches", c.watches},
+                        {"raw_events", c.raw_events},       {"batches", c.batches},
+                        {"changes", c.changes},             {"echoes_suppressed", c.echoes_suppressed},
+                        {"overflows", c.overflows},         {"watch_errors", c.watch_errors},
+                        {"pending_paths", c.pending_paths}, {"last_error", watcher_->last_error()}};
+  }
   if (exposed_) j["exposed"] = exposed_->status();
   return j.dump();
 }

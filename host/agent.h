@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "host/exposed_unix.h"
+#include "host/file_watch/watcher.h"
 #include "host/listener.h"
 #include "host/port_forwards.h"
 #include "host/session.h"
@@ -43,6 +44,7 @@ struct AgentConfig {
   std::string instance = "default";
   std::string status_path;
   std::vector<UnixForward> unix_forwards;
+  std::vector<file_watch::Share> shares;  // host folders whose changes are replayed in the guest
   std::map<std::string, std::string> exposed_unix;  // NAME → host socket path the guest may open
   MuxConfig mux;
   int connect_timeout_ms = 2000;
@@ -87,6 +89,8 @@ class Agent final : public SessionObserver, public BridgeOwner {
   void on_tick();
   void accept_client(UniqueFd client, BridgeOptions options);
   void serve_status(UniqueFd client);
+  // Sends due FILE_EVENTS batches while the transport keeps up; otherwise lets the watcher merge them.
+  void pump_file_events();
   void reap();
 
   uv_loop_t* loop_;
@@ -99,6 +103,8 @@ class Agent final : public SessionObserver, public BridgeOwner {
   bool stopping_ = false;
   std::vector<std::unique_ptr<Listener>> listeners_;
   std::unique_ptr<PortForwards> ports_;
+  std::unique_ptr<file_watch::Watcher> watcher_;
+  std::unique_ptr<Poller> watch_poller_;
   std::unique_ptr<ExposedUnix> exposed_;
   std::unordered_map<SocketBridge*, std::unique_ptr<SocketBridge>> bridges_;
   std::vector<SocketBridge*> finished_;

@@ -1,5 +1,6 @@
 // vbridge-host: the workstation side of vbridge. Serves a drop-in docker.sock (and other unix forwards) over
 // one multiplexed transport connection to vbridge-guest.
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -75,6 +76,7 @@ int main(int argc, char** argv) {
   uint32_t window_kib = 4096;
   int keepalive_ms = 5000;
   bool serial_chardev = false;
+  std::vector<std::string> shares;
   std::vector<std::string> publish;
   std::vector<std::string> port_maps;
   std::string bind_v4 = "127.0.0.1";
@@ -120,6 +122,9 @@ int main(int argc, char** argv) {
                                                "(default RUNTIME_DIR/status.sock)");
   app.add_option("--window-kib", window_kib, "Per-stream receive window in KiB")->capture_default_str()
       ->check(CLI::Range(64u, 1024u * 1024u));
+  app.add_option("--share", shares,
+                 "Replay changes under HOST_DIR as inotify events in the guest: NAME=HOST_DIR (repeatable); the guest "
+                 "agent maps NAME to its mount of the folder with its own --share NAME=GUEST_PATH");
   app.add_flag("--serial-chardev", serial_chardev,
                "The transport is a VMM's virtio-serial chardev socket (QEMU): the byte pipe outlives both agents, "
                "so skip a restarted guest's stale bytes until its HELLO instead of failing");
@@ -157,6 +162,21 @@ int main(int argc, char** argv) {
   config.keepalive_ms = keepalive_ms;
   config.mux.initial_window = window_kib * 1024;
   config.mux.resync = serial_chardev;
+  for (const std::string& share : shares) {
+    const size_t eq = share.find('=');
+    if (eq == std::string::npos || eq == 0 || eq + 1 == share.size()) {
+      log::error("bad --share \"{}\": expected NAME=HOST_DIR", share);
+      return 2;
+    }
+    std::error_code dir_error;
+    const std::string root = std::filesystem::canonical(share.substr(eq + 1), dir_error).string();
+    if (dir_error || !std::filesystem::is_directory(root)) {
+      log::error("--share {}: {} is not a directory", share, share.substr(eq + 1));
+      return 2;
+    }
+    config.shares.push_back({share.substr(0, eq), root});
+  }
+  if (!config.shares.empty()) config.mux.features |= kFeatureFileEvents;
   if (!no_docker) {
     if (docker_sock.empty()) docker_sock = runtime_dir + "/docker.sock";
     config.unix_forwards.push_back({docker_sock, docker_target, true});
@@ -203,6 +223,12 @@ int main(int argc, char** argv) {
   }
 
   std::signal(SIGPIPE, SIG_IGN);
+  // Every forwarded port and every connection holds descriptors, and a guest may listen on thousands of ports:
+  // the soft limit (often 1024) is raised to the hard one.
+  if (rlimit rl{}; ::getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    ::setrlimit(RLIMIT_NOFILE, &rl);
+  }
   uv_loop_t* loop = uv_default_loop();
   Agent agent(loop, config);
   if (Status st = agent.start(); !st) {

@@ -27,7 +27,20 @@ constexpr auto kBindRetry = std::chrono::seconds(2);
 
 PortForwards::PortForwards(uv_loop_t* loop, BufferPool& pool, PortForwardConfig config, AcceptFn accept,
                            UdpForward::SessionFn session)
-    : loop_(loop), pool_(pool), config_(std::move(config)), accept_(std::move(accept)), session_(std::move(session)) {}
+    : loop_(loop), pool_(pool), config_(std::move(config)), accept_(std::move(accept)), session_(std::move(session)) {
+  // Without IPv6 (or IPv4) on the host, its loopback is left out instead of failing every port there.
+  const auto usable = [](const std::string& address) {
+    auto fd = bind_udp(address, 0);
+    if (!fd && (fd.error().errno_value == EADDRNOTAVAIL || fd.error().errno_value == EAFNOSUPPORT)) {
+      log::warn("host has no {} ({}); guest ports are forwarded on the other loopback only", address,
+                fd.error().to_string());
+      return false;
+    }
+    return true;
+  };
+  have_v4_ = usable(config_.bind_v4);
+  have_v6_ = usable(config_.bind_v6);
+}
 
 PortForwards::~PortForwards() = default;
 
@@ -60,13 +73,13 @@ void PortForwards::apply(const wire::Ports& ports) {
   }
 }
 
-std::vector<std::string> PortForwards::host_addresses(const GuestPort& port) const {
-  if (port.family == wire::Family::Inet6) {
-    // A v6 wildcard usually accepts IPv4 too (dual stack): offer both loopbacks.
-    if (port.address == "::") return {config_.bind_v6, config_.bind_v4};
-    return {config_.bind_v6};
-  }
-  return {config_.bind_v4};
+std::vector<std::string> PortForwards::host_addresses(const GuestPort&) const {
+  // Every guest listener appears on both host loopbacks, so "localhost" works whichever family a client
+  // resolves it to first; a host without one of them (IPv6 disabled) gets only the other.
+  std::vector<std::string> out;
+  if (have_v4_) out.push_back(config_.bind_v4);
+  if (have_v6_) out.push_back(config_.bind_v6);
+  return out;
 }
 
 uint16_t PortForwards::host_port(const GuestPort& port) const {
@@ -84,12 +97,29 @@ wire::TargetT PortForwards::target_for(const GuestPort& port) const {
   return target;
 }
 
+void PortForwards::choose_target(HostBinding& b) {
+  // Of the guest listeners behind one host socket (0.0.0.0 and :: on one port, say), the one of the host
+  // socket's own family is dialled, so [::1]:80 reaches the guest's IPv6 server when there is one.
+  const wire::Family family = b.host_address.find(':') != std::string::npos ? wire::Family::Inet6 : wire::Family::Inet4;
+  const GuestPort* chosen = nullptr;
+  for (const GuestPort& p : guest_ports_) {
+    if (p.proto != b.proto || host_port(p) != b.host_port) continue;
+    if (chosen == nullptr || (p.family == family && chosen->family != family)) chosen = &p;
+  }
+  if (chosen == nullptr) return;
+  b.target = target_for(*chosen);
+  if (b.udp) b.udp->retarget(b.target);
+}
+
 void PortForwards::add(const GuestPort& port) {
   if (!guest_ports_.insert(port).second) return;
   const uint16_t hport = host_port(port);
   for (const std::string& address : host_addresses(port)) {
     HostBinding& b = bindings_[BindingKey{port.proto, address, hport}];
-    if (b.refs++ > 0) continue;
+    if (b.refs++ > 0) {
+      if (!b.is_static) choose_target(b);
+      continue;
+    }
     b.proto = port.proto;
     b.host_address = address;
     b.host_port = hport;
@@ -102,20 +132,10 @@ void PortForwards::remove(const GuestPort& port) {
   if (guest_ports_.erase(port) == 0) return;
   const uint16_t hport = host_port(port);
   for (const std::string& address : host_addresses(port)) {
-    const BindingKey key{port.proto, address, hport};
-    const auto b = bindings_.find(key);
+    const auto b = bindings_.find(BindingKey{port.proto, address, hport});
     if (b == bindings_.end() || b->second.is_static) continue;
     if (--b->second.refs > 0) {
-      // Another guest listener shares this host socket (e.g. 0.0.0.0 and :: on one port): dial that one now.
-      for (const GuestPort& other : guest_ports_) {
-        const auto addresses = host_addresses(other);
-        if (other.proto == port.proto && host_port(other) == hport &&
-            std::find(addresses.begin(), addresses.end(), address) != addresses.end()) {
-          b->second.target = target_for(other);
-          if (b->second.udp) b->second.udp->retarget(b->second.target);
-          break;
-        }
-      }
+      choose_target(b->second);  // another guest listener still stands behind this host socket
       continue;
     }
     log::info("guest stopped listening on {} {}; host {} removed", proto_name(port.proto),

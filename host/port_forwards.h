@@ -1,6 +1,6 @@
 // Host ports that follow what the guest listens on. PORTS diffs from the guest agent add and remove
-// forwards; each guest listener is bound on the host's loopback (127.0.0.1 for IPv4, ::1 for IPv6, both
-// for a dual-stack wildcard), remapped where configured. A port the host cannot bind is kept in the table
+// forwards; each guest listener is bound on both host loopbacks (127.0.0.1 and ::1, configurable), remapped
+// where configured, and dialled in the guest at its own address (its family's loopback for a wildcard). A port the host cannot bind is kept in the table
 // with the reason, logged once, shown in status, and bound later if it becomes free.
 //
 // A snapshot (`full`) replaces what the host knew. A large one arrives in parts of which only the first is
@@ -82,6 +82,7 @@ class PortForwards {
   std::vector<std::string> host_addresses(const GuestPort& port) const;
   uint16_t host_port(const GuestPort& port) const;
   wire::TargetT target_for(const GuestPort& port) const;
+  void choose_target(HostBinding& binding);
   // Binds the host socket; on failure records the reason (logged unless `retry` and unchanged).
   void bind(HostBinding& binding, bool retry = false);
 
@@ -92,6 +93,8 @@ class PortForwards {
   UdpForward::SessionFn session_;
   std::set<GuestPort> guest_ports_;
   std::map<BindingKey, HostBinding> bindings_;
+  bool have_v4_ = true;  // the host has this loopback (see host_addresses)
+  bool have_v6_ = true;
   std::set<GuestPort> snapshot_missing_;  // tracked ports the last snapshot lacked, removed after the grace
   Clock::time_point snapshot_deadline_{};
 };

@@ -43,7 +43,7 @@ step "install packages (tools/setup.sh)"
 "$root/tools/setup.sh"
 
 step "configure build/ (Release, -Werror)"
-configure build -DCMAKE_BUILD_TYPE=Release -DVBRIDGE_WERROR=ON
+configure build -DCMAKE_BUILD_TYPE=Release -DVBRIDGE_WERROR=ON -DVBRIDGE_VM_E2E=ON
 step "build build/"
 cmake --build build -j "$jobs"
 step "ctest in build/"

@@ -3,12 +3,13 @@
 (python3 standard library only; needs root for the network namespace).
 
 The guest agent runs in its own network and mount namespace (as the integration suite does), the host agent
-outside it. First both agents sit idle, connected, for --idle-seconds and their CPU use is read from
-/proc/<pid>/stat. Then, --count times: a helper inside the namespace starts listening on a fresh port and
-reports the CLOCK_MONOTONIC time of its listen(); the harness connects to 127.0.0.1:<port> on the host every
-millisecond until a connect succeeds. appear = that moment minus the listen time. The helper then closes the
-listener and the harness polls until the host port is gone (remove). Opens and closes happen at random
-offsets, so they do not lock onto the guest's scan period.
+outside it. First both agents sit idle, connected, for --idle-seconds, and their CPU use is read from
+/proc/<pid>/schedstat (nanoseconds; /proc/<pid>/stat's 10 ms ticks where schedstat is missing). Then,
+--count times: a helper inside the namespace starts listening on a fresh port and reports the
+CLOCK_MONOTONIC time of its listen(); the harness connects to 127.0.0.1:<port> on the host every millisecond
+until a connect succeeds. appear = that moment minus the listen time. The helper then closes the listener
+and the harness polls until the host port is gone (remove). Opens and closes happen at random offsets, so
+they do not lock onto the guest's scan period.
 
     sudo python3 bench/e2e/port_latency.py --build-dir build [--count 200] [--port-poll-ms 20] [--json out.json]
 """
@@ -57,6 +58,12 @@ def find_binary(build_dir: str, name: str) -> str:
 
 
 def cpu_seconds(pid: int) -> float:
+    """CPU time used by pid so far: schedstat's nanoseconds when the kernel has them, else stat's ticks."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     # utime and stime are fields 14 and 15 of stat, 12 and 13 after "pid (comm) state".

@@ -397,8 +397,12 @@ bool Injector::apply_for(const wire::FileEvents& batch, size_t* next, std::chron
   const bool bounded = budget != std::chrono::microseconds::max();
   const auto deadline =
       bounded ? std::chrono::steady_clock::now() + budget : std::chrono::steady_clock::time_point::max();
+  const size_t first = *next;
   for (size_t& i = *next; i < n;) {
-    if (bounded && (i & 7) == 0 && i != 0 && std::chrono::steady_clock::now() >= deadline) return false;
+    // Checked every eight events, and only after some progress in this call.
+    if (bounded && i != first && ((i - first) & 7) == 0 && std::chrono::steady_clock::now() >= deadline) {
+      return false;
+    }
     const wire::FileEvent* e = events->Get(i++);
     ++counters_.events;
     refused_in_event_ = false;
