@@ -88,6 +88,14 @@ Status Agent::setup() {
   env_ = std::make_unique<SessionEnv>(SessionEnv{*loop_, *transport_buffers_, *conn_buffers_, targets_, counters_,
                                                   config_.mux, *this, datagram_pool_, datagram_arena_});
 
+  if (!config_.shares.empty()) {
+    auto injector = file_events::Injector::create(config_.shares);
+    if (!injector) return injector.error();
+    injector_ = std::make_unique<file_events::Injector>(std::move(*injector));
+    config_.mux.features |= kFeatureFileEvents;
+    env_->mux_config.features |= kFeatureFileEvents;
+    for (const auto& m : config_.shares) log::info("replaying host changes of share {} on {}", m.share, m.guest_path);
+  }
   if (config_.ports.enabled) {
     // The agent's own TCP transport is not a guest service.
     std::set<uint16_t> own;
@@ -392,6 +400,15 @@ void Agent::on_host_ready(Session& session) {
     return;
   }
   session.send_ports(*snapshot, config_.ports.max_per_message);
+}
+
+void Agent::on_file_events(const wire::FileEvents& batch) {
+  if (!injector_) {
+    log::debug("file events for share {} ignored: no --share configured", batch.share() ? batch.share()->str() : "");
+    return;
+  }
+  // Synchronous: each event costs a few metadata syscalls on the mount, and batches are bounded by the host.
+  injector_->apply(batch);
 }
 
 const std::set<PortEntry>* Agent::guest_listeners(bool rescan) {

@@ -22,6 +22,7 @@
 #include <string_view>
 #include <vector>
 
+#include "guest/file_events/injector.h"
 #include "guest/port_watcher_linux.h"
 #include "guest/read_buffers.h"
 #include "guest/session.h"
@@ -60,6 +61,7 @@ struct AgentConfig {
   SerialPaths serial_paths;
   PortWatchConfig ports;
   std::vector<ReverseUnix> reverse_unix;
+  std::vector<file_events::Mount> shares;  // host folders mounted in the guest whose host-side changes are replayed here
 };
 
 class Agent final : private SessionHooks {
@@ -90,6 +92,7 @@ class Agent final : private SessionHooks {
   // SessionHooks
   void on_host_ready(Session& session) override;
   const std::set<PortEntry>* guest_listeners(bool rescan) override;
+  void on_file_events(const wire::FileEvents& batch) override;
 
   void dispatch(const io_uring_cqe& cqe);
   Session* session_for(uint32_t owner);
@@ -152,6 +155,7 @@ class Agent final : private SessionHooks {
   bool signal_armed_ = false;
 
   std::unique_ptr<PortWatcher> watcher_;  // null with --no-ports
+  std::unique_ptr<file_events::Injector> injector_;  // null without --share
   bool port_timer_armed_ = false;
   __kernel_timespec port_ts_{};
   std::chrono::steady_clock::time_point last_scan_{};

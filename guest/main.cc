@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
   bool no_ports = false;
   unsigned port_poll_ms = 20;
   std::vector<std::string> reverse_unix;
+  std::vector<std::string> shares;
   std::string log_level = "info";
   double drain_seconds = 2.0;
   bool no_buffer_ring = false;
@@ -57,6 +58,9 @@ int main(int argc, char** argv) {
   app.add_option("--reverse-unix", reverse_unix,
                  "/GUEST/PATH.sock=NAME: listen on this guest unix socket and carry each client to the host's "
                  "target NAME (vbridge-host --expose-unix NAME=/host/path.sock) (repeatable)");
+  app.add_option("--share", shares,
+                 "NAME=/guest/mount: the guest's mount of a host folder the host agent watches (vbridge-host --share "
+                 "NAME=HOST_DIR); host changes under it are replayed here as inotify events (repeatable)");
   app.add_option("--log-level", log_level, "Log verbosity: debug, info, warn or error")
       ->check(CLI::IsMember({"debug", "info", "warn", "error"}))
       ->capture_default_str();
@@ -112,6 +116,14 @@ int main(int argc, char** argv) {
       return 2;
     }
     config.reverse_unix.push_back(std::move(*reverse));
+  }
+  for (const auto& text : shares) {
+    const size_t eq = text.find('=');
+    if (eq == std::string::npos || eq == 0 || eq + 1 == text.size() || text[eq + 1] != '/') {
+      log::error("bad --share \"{}\": expected NAME=/guest/mount", text);
+      return 2;
+    }
+    config.shares.push_back({text.substr(0, eq), text.substr(eq + 1)});
   }
   config.drain_timeout = std::chrono::milliseconds(static_cast<int64_t>(drain_seconds * 1000));
   config.buffer_rings = !no_buffer_ring;

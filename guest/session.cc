@@ -381,6 +381,10 @@ void Session::on_closed(StreamId id) {
 }
 
 void Session::on_control(const wire::Control& message) {
+  if (message.message_type() == wire::Message::FileEvents) {
+    env_.hooks.on_file_events(*message.message_as_FileEvents());
+    return;
+  }
   log::debug("{}: ignoring control message {}", peer_, wire::EnumNameMessage(message.message_type()));
 }
 

@@ -88,6 +88,8 @@ class SessionHooks {
   // The guest's listeners as last scanned, or null when ports are not watched. `rescan`: scan first (an
   // OPEN named a port the last scan did not show, e.g. a static forward's first client beat the poll).
   virtual const std::set<PortEntry>* guest_listeners(bool rescan) = 0;
+  // The host sent a FILE_EVENTS batch: replay it on the guest's mounts of the shares.
+  virtual void on_file_events(const wire::FileEvents& batch) = 0;
 };
 
 // What a session borrows from the agent; everything here outlives every session.

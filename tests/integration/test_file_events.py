@@ -30,6 +30,7 @@ import time
 import unittest
 
 import fixtures
+from agents import GuestAgent, HostAgent
 from fixtures import FixtureTestCase, Netns, Process
 
 PY = sys.executable
@@ -383,6 +384,40 @@ class EventsReachGuestWatchers(SelftestCase):
         os.symlink(secret, os.path.join(self.guest.back, "escape-file"))
         fixtures.wait_for(lambda: self.stats(p)["guest"]["symlink_leaf"] >= 2, 10, "the guest to see both symlinks")
         self.assertEqual(os.stat(secret).st_ctime_ns, before, "a file outside the share was touched")
+
+
+class RealAgentsCarryFileEvents(FixtureTestCase):
+    """The same host actions through the real agents: vbridge-host watches the host folder and sends
+    FILE_EVENTS over the transport; vbridge-guest, inside the guest's namespaces, replays them on the mount."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        require_tools(self)
+        self.guest = Guest(self.workdir)
+        self.actions = Actions(self.guest.back)
+        self.actions.prepare()
+
+    def start_agents(self) -> HostAgent:
+        guest_agent = GuestAgent(self.workdir, netns=self.guest.ns, extra=["--share", f"home={self.guest.mnt}"]).start()
+        return HostAgent(self.workdir, "unix:" + guest_agent.listen_path,
+                         extra=["--share", f"home={self.guest.back}"]).start()
+
+    def test_inotifywait_sees_each_host_action_through_the_agents(self):
+        watch = self.guest.inotifywait("gap-inotifywait")
+        _write(os.path.join(self.guest.back, ".gap-probe"), "probe\n")
+        watch.assert_quiet(GAP_WAIT, "a host write without vbridge")
+        os.unlink(os.path.join(self.guest.back, ".gap-probe"))
+        watch.process.terminate()
+
+        host = self.start_agents()
+        watch = self.guest.inotifywait()
+        for what, act in self.actions.all():
+            with self.subTest(what):
+                watch.mark()
+                act()
+                watch.wait(INOTIFY_EXPECT[what], f"inotifywait in the guest to see: {what}")
+                time.sleep(0.2)  # let this action's events settle before the next
+        self.assertGreater(host.status()["file_events"]["batches"], 0)
 
 
 class AppenderSafety(SelftestCase):

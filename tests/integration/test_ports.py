@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import time
 import unittest
 
 from agents import GuestAgent, HostAgent
-from fixtures import FixtureTestCase, Netns, Process, WaitTimeout, wait_for
+from fixtures import FixtureTestCase, Netns, Process, WaitTimeout, descendants, wait_for
 
 HTTP_PORT = 18080
 
@@ -51,6 +52,15 @@ class PortForwardTest(FixtureTestCase):
             f.write("hello from the guest\n")
         return self.netns.spawn(self.workdir, "http", [sys.executable, "-m", "http.server", "--bind", bind, str(port)],
                                 cwd=docroot)
+
+    def stop_with_children(self, process: Process) -> None:
+        # socat ... fork leaves a child per UDP peer behind its parent; they go by PID with it.
+        for pid in descendants(process.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        process.terminate()
 
     def wait_guest_listening(self, port: int, proto: str = "tcp") -> None:
         flag = "-ltn" if proto == "tcp" else "-lun"
@@ -121,7 +131,9 @@ class PortForwardTest(FixtureTestCase):
 
     def test_udp_echo_keeps_datagrams_whole_and_in_order(self) -> None:
         port = 15300
-        self.netns.spawn(self.workdir, "socat-echo", ["socat", "-b65536", f"UDP4-LISTEN:{port},fork,reuseaddr", "PIPE"])
+        echo = self.netns.spawn(self.workdir, "socat-echo",
+                                ["socat", "-b65536", f"UDP4-LISTEN:{port},fork,reuseaddr", "PIPE"])
+        self.addCleanup(self.stop_with_children, echo)
         self.wait_guest_listening(port, "udp")
         self.start_host()
         wait_for(lambda: any(p["proto"] == "udp" and p["guest_port"] == port and p["ok"] for p in host_ports(self.host)),
