@@ -317,7 +317,13 @@ void Agent::arm_waiting_ops() {
     return;
   }
   // Serial: the port belongs to one session at a time; probe only when the last one has fully let go.
-  if (!probing_ && !active_ && retiring_.empty()) arm_serial_probe();
+  if (!probing_ && !active_ && retiring_.empty()) {
+    if (!serial_carry_.empty()) {
+      start_session(endpoint_.fd(), endpoint_.address().to_string(), std::move(serial_carry_));
+      return;
+    }
+    arm_serial_probe();
+  }
 }
 
 void Agent::arm_accept() {
@@ -467,6 +473,7 @@ void Agent::collect_sessions() {
   if (active_ && active_->closing()) retiring_.push_back(std::move(active_));
   std::erase_if(retiring_, [this](const std::unique_ptr<Session>& s) {
     if (!s->finished()) return false;
+    if (Slice rest = s->take_leftover(); !rest.empty()) serial_carry_ = std::move(rest);
     counters_.frames_in += s->mux().counters().frames_in;
     counters_.frames_out += s->mux().counters().frames_out;
     return true;

@@ -156,6 +156,7 @@ class Agent final : private SessionHooks {
 
   std::unique_ptr<PortWatcher> watcher_;  // null with --no-ports
   std::unique_ptr<file_events::Injector> injector_;  // null without --share
+  Slice serial_carry_;  // bytes a failed serial session stopped at; the next session starts from them
   bool port_timer_armed_ = false;
   __kernel_timespec port_ts_{};
   std::chrono::steady_clock::time_point last_scan_{};

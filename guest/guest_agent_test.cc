@@ -346,9 +346,16 @@ struct StreamRecord {
 
 class HostPeer final : public MuxHandler {
  public:
-  explicit HostPeer(int fd) : fd_(fd), mux_(Role::kHost, *this) {
+  explicit HostPeer(int fd) : fd_(fd), mux_(Role::kHost, *this, config_for(fd)) {
     struct stat st {};
     is_socket_ = fstat(fd, &st) == 0 && S_ISSOCK(st.st_mode);
+  }
+  // Over a serial port the host resyncs past the guest's restart marker, as vbridge-host --serial-chardev does.
+  static MuxConfig config_for(int fd) {
+    struct stat st {};
+    MuxConfig config;
+    config.resync = fstat(fd, &st) == 0 && !S_ISSOCK(st.st_mode);
+    return config;
   }
   ~HostPeer() override {
     if (fd_ >= 0) close(fd_);

@@ -63,8 +63,18 @@ struct Session::Conn {
   msghdr msg{};
 };
 
+// A virtio-serial port outlives both agents: a session there may first read a previous session's bytes, and
+// the host may still be inside an old session when this one starts (see MuxConfig::serial_acceptor).
+MuxConfig Session::mux_config_for(MuxConfig config, TransportKind kind) {
+  if (kind == TransportKind::kSerial) {
+    config.resync = true;
+    config.serial_acceptor = true;
+  }
+  return config;
+}
+
 Session::Session(SessionEnv& env, uint32_t owner, int fd, TransportKind kind, std::string peer)
-    : env_(env), owner_(owner), fd_(fd), kind_(kind), peer_(std::move(peer)), mux_(Role::kGuest, *this, env.mux_config) {}
+    : env_(env), owner_(owner), fd_(fd), kind_(kind), peer_(std::move(peer)), mux_(Role::kGuest, *this, mux_config_for(env.mux_config, kind)) {}
 
 Session::~Session() {
   for (auto& c : conns_) {
@@ -248,6 +258,8 @@ void Session::on_transport_write(int res) {
 
 void Session::feed(const Slice& bytes) {
   if (Status st = mux_.feed(bytes); !st) {
+    // On a serial port the failing bytes may hold a reconnected host's HELLO: the next session starts from them.
+    if (kind_ == TransportKind::kSerial) leftover_ = bytes;
     ++env_.counters.host_failures;
     close("host connection failed: " + st.error().to_string(), log::Level::kError);
   }

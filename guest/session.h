@@ -129,6 +129,8 @@ class Session final : public MuxHandler {
   // No streams and nothing left to send: a draining agent may stop now.
   bool drained();
   const Mux& mux() const { return mux_; }
+  // Serial only: the transport bytes this session failed on, for the next session to start from.
+  Slice take_leftover() { return std::move(leftover_); }
   // The handshake completed and the session is not closing: streams may be opened, PORTS sent.
   bool host_ready() const { return !closing_ && mux_.ready(); }
   // Sends a PORTS diff (or snapshot), in parts of at most `max_listeners` listeners.
@@ -185,7 +187,10 @@ class Session final : public MuxHandler {
   void kill(Conn& c);
   void release(Conn& c);
 
+  static MuxConfig mux_config_for(MuxConfig config, TransportKind kind);
+
   SessionEnv& env_;
+  Slice leftover_;
   uint32_t owner_;
   int fd_;
   TransportKind kind_;

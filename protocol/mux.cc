@@ -59,6 +59,18 @@ const char* stream_state_name(StreamState state) {
 Mux::Mux(Role role, MuxHandler& handler, MuxConfig config)
     : role_(role), handler_(handler), config_(config), next_local_id_(role == Role::kHost ? 1 : 2) {
   hunting_ = config_.resync;
+  if (config_.serial_acceptor) {
+    // Not a frame any version accepts: an old session on the other end ends with a protocol error.
+    OutFrame& marker = queue_frame(FrameType::kData, 0, 0);
+    marker.header.fill(std::byte{0xff});
+    return;
+  }
+  queue_hello();
+}
+
+Mux::~Mux() = default;
+
+void Mux::queue_hello() {
   Hello hello;
   hello.features = config_.features;
   hello.max_frame = config_.max_frame;
@@ -68,8 +80,6 @@ Mux::Mux(Role role, MuxHandler& handler, MuxConfig config)
   OutFrame& f = queue_frame(FrameType::kHello, 0, kHelloPayloadSize);
   f.owned.assign(payload.begin(), payload.end());
 }
-
-Mux::~Mux() = default;
 
 // ---------------------------------------------------------------------------------------------------------
 // Input
@@ -251,6 +261,7 @@ Status Mux::on_frame_payload(std::span<const std::byte> payload) {
       auto hello = decode_hello(payload);
       if (!hello) return hello.error();
       peer_ = *hello;
+      if (config_.serial_acceptor) queue_hello();  // the answer to the peer's HELLO
       // Streams opened before the HELLO arrived started with the minimum credit; top them up.
       for (auto& [id, s] : streams_) s->send_credit += peer_->initial_window - kCreditBeforeHello;
       handler_.on_ready(*peer_);

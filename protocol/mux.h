@@ -46,6 +46,10 @@ struct MuxConfig {
   // outlive either end (a virtio-serial port): a restarted peer finds stale frames of the old session first.
   bool resync = false;
   uint64_t max_resync_skip = 64ull * 1024 * 1024;
+  // The accepting end of such a pipe (the guest on virtio-serial): send a restart marker first, so a peer
+  // still inside an old session fails at once and reconnects, and send HELLO only in answer to the peer's,
+  // so the HELLO reaches the peer's new session rather than the old one.
+  bool serial_acceptor = false;
 };
 
 // The lifecycle of one stream. Half-close is tracked by two flags beside it (fin_sent, fin_received).
@@ -175,6 +179,7 @@ class Mux {
   OutFrame& queue_frame(FrameType type, StreamId id, uint32_t length);
   void queue_small(FrameType type, StreamId id, std::span<const std::byte> payload);
   void reap();
+  void queue_hello();
   void queue_control(StreamId id, const flatbuffers::FlatBufferBuilder& built);
   void schedule();
   bool is_local_id(StreamId id) const { return (id & 1u) == (role_ == Role::kHost ? 1u : 0u); }

@@ -405,6 +405,44 @@ TEST(Mux, ResyncSkipsStaleBytesUntilThePeersHelloAtEverySplit) {
   }
 }
 
+// A guest agent restarted behind a virtio-serial port: its restart marker ends the host's old session, the
+// host reconnects, and the new pair finds each other through the old session's stale bytes.
+TEST(Mux, SerialAcceptorRestartEndsTheOldSessionAndPairsWithTheNext) {
+  BufferPool pool(256 * 1024, 16);
+  MuxConfig host_config;
+  host_config.resync = true;
+  Pair old_pair(host_config);
+  old_pair.settle();
+  ASSERT_TRUE(old_pair.host.ready());
+  old_pair.host.ping(1);
+  const std::string stale_from_host = testing::drain(old_pair.host);  // in the pipe when the guest restarts
+
+  MuxConfig guest_config;
+  guest_config.resync = true;
+  guest_config.serial_acceptor = true;
+  testing::RecordingHandler guest_handler;
+  Mux guest(Role::kGuest, guest_handler, guest_config);
+  guest_handler.mux = &guest;
+  // The new guest says nothing but its marker; the old host session fails on it.
+  Status st;
+  testing::pump(guest, old_pair.host, pool, 1 << 20, &st);
+  EXPECT_FALSE(st.ok());
+  EXPECT_FALSE(guest.ready());
+
+  // The host reconnects: the guest first reads the old session's stale bytes, then the new HELLO.
+  testing::RecordingHandler host_handler;
+  Mux host(Role::kHost, host_handler, host_config);
+  host_handler.mux = &host;
+  ASSERT_TRUE(guest.feed(testing::to_slice(pool, stale_from_host)).ok());
+  testing::pump(host, guest, pool);
+  EXPECT_TRUE(guest.ready());
+  testing::pump(guest, host, pool);
+  EXPECT_TRUE(host.ready());
+  const StreamId id = *host.open(unix_target("/after-restart"));
+  testing::pump(host, guest, pool);
+  EXPECT_EQ(guest_handler.events.back(), (Event{"open", id, "/after-restart"}));
+}
+
 TEST(Mux, ResyncGivesUpAfterTheLimit) {
   BufferPool pool(64 * 1024, 16);
   testing::RecordingHandler h;

@@ -28,6 +28,21 @@ def connects(host: str, port: int, family: int = socket.AF_INET) -> bool:
             return False
 
 
+def udp_refused(port: int) -> bool:
+    """True if a datagram to 127.0.0.1:port meets no socket there (the ICMP error comes back as ECONNREFUSED)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(1)
+        s.connect(("127.0.0.1", port))
+        s.send(b"?")
+        try:
+            s.recv(16)
+        except ConnectionRefusedError:
+            return True
+        except TimeoutError:
+            pass
+        return False
+
+
 def curl(url: str, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(["curl", "-sS", "--max-time", "5", *extra, url], capture_output=True, text=True)
 
@@ -96,6 +111,8 @@ class PortForwardTest(FixtureTestCase):
     def test_dual_stack_wildcard_reaches_both_loopbacks(self) -> None:
         self.serve_http("::")
         self.wait_guest_listening(HTTP_PORT)
+        self.assertFalse(connects("127.0.0.1", HTTP_PORT))
+        self.assertFalse(connects("::1", HTTP_PORT, socket.AF_INET6))
         self.start_host()
         wait_for(lambda: curl(f"http://127.0.0.1:{HTTP_PORT}/").returncode == 0, 5, "IPv4 page")
         wait_for(lambda: curl(f"http://[::1]:{HTTP_PORT}/").returncode == 0, 5, "IPv6 page")
@@ -104,6 +121,7 @@ class PortForwardTest(FixtureTestCase):
         port = 15201
         self.netns.spawn(self.workdir, "iperf3-server", ["iperf3", "-s", "-p", str(port), "-1"])
         self.wait_guest_listening(port)
+        self.assertFalse(connects("127.0.0.1", port))  # the host's own loopback: the guest server never sees it
         self.start_host()
         self.wait_forwarded(port)
         r = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", "2", "-J"], capture_output=True,
@@ -118,6 +136,7 @@ class PortForwardTest(FixtureTestCase):
         port = 15202
         self.netns.spawn(self.workdir, "iperf3-server", ["iperf3", "-s", "-p", str(port), "-1"])
         self.wait_guest_listening(port)
+        self.assertFalse(connects("127.0.0.1", port))
         # iperf3 opens its UDP socket only once the test starts: publish the UDP port statically.
         self.start_host("--publish", f"127.0.0.1:{port}:{port}/udp")
         self.wait_forwarded(port)
@@ -135,6 +154,7 @@ class PortForwardTest(FixtureTestCase):
                                 ["socat", "-b65536", f"UDP4-LISTEN:{port},fork,reuseaddr", "PIPE"])
         self.addCleanup(self.stop_with_children, echo)
         self.wait_guest_listening(port, "udp")
+        self.assertTrue(udp_refused(port))
         self.start_host()
         wait_for(lambda: any(p["proto"] == "udp" and p["guest_port"] == port and p["ok"] for p in host_ports(self.host)),
                  5, "the UDP port on the host")
@@ -204,6 +224,7 @@ class PortForwardTest(FixtureTestCase):
         port = 15500
         server = self.netns.spawn(self.workdir, "sink", ["socat", f"TCP-LISTEN:{port},bind=127.0.0.1", "PIPE"])
         self.wait_guest_listening(port)
+        self.assertFalse(connects("127.0.0.1", port))
         self.start_host()
         self.wait_forwarded(port)
         with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
@@ -230,6 +251,7 @@ class PortForwardTest(FixtureTestCase):
                          f"import socket,time; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); "
                          f"s.bind(('127.0.0.1',{port})); time.sleep(600)"])
         self.wait_guest_listening(port, "udp")
+        self.assertTrue(udp_refused(port))
         self.start_host()
         wait_for(lambda: any(p["guest_port"] == port and p["ok"] for p in host_ports(self.host)), 5, "UDP forward")
         payload = b"f" * 1400
