@@ -74,7 +74,7 @@ class Agent final : public SessionObserver, public BridgeOwner {
   void on_control(const wire::Control& message) override;
   // A stream the guest opened (Session::on_open): a client of a guest --reverse-unix socket, for a host
   // socket exposed with --expose-unix. Returns its sink, or null after refusing it.
-  StreamSink* on_stream_open(Session& session, StreamId id, const wire::Target& target);
+  StreamSink* on_stream_open(Session& session, StreamId id, const wire::Target& target) override;
   // BridgeOwner
   void bridge_done(SocketBridge* bridge) override;
 

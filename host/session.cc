@@ -128,10 +128,8 @@ StreamSink* Session::sink(StreamId id) {
 void Session::on_ready(const Hello& peer) { observer_.on_session_ready(peer); }
 
 void Session::on_open(StreamId id, const wire::Target& target) {
-  // Guest-initiated streams (host socket forwarded into the guest) are wired by the forwards layer; until
-  // a forward claims this target it is refused.
-  (void)target;
-  mux_.reject(id, EACCES, "host agent accepts no streams for this target");
+  // Guest-opened streams (clients of a guest --reverse-unix socket) belong to the observer.
+  if (StreamSink* s = observer_.on_stream_open(*this, id, target)) sinks_[id] = s;
 }
 
 void Session::on_open_result(StreamId id, const Error* error) {

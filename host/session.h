@@ -28,6 +28,8 @@ class StreamSink {
   virtual void on_closed() = 0;
 };
 
+class Session;
+
 class SessionObserver {
  public:
   virtual ~SessionObserver() = default;
@@ -36,6 +38,9 @@ class SessionObserver {
   // this call's caller stack: the observer defers it).
   virtual void on_session_lost(const Error& error) = 0;
   virtual void on_control(const wire::Control& message) = 0;
+  // The guest opened stream `id` towards `target`. Either answer now with mux().reject and return null, or
+  // return the sink for the stream's events (the session registers it) and answer with mux().accept.
+  virtual StreamSink* on_stream_open(Session& session, StreamId id, const wire::Target& target) = 0;
 };
 
 class Session final : public MuxHandler {
