@@ -40,7 +40,10 @@ Result<StreamId> Session::open(const wire::TargetT& target, StreamSink* sink) {
 void Session::on_poll(int status, int events) {
   if (lost_) return;
   if (status < 0) {
-    lose(Error{ErrorCode::kIo, -status, "transport poll failed"});
+    // libuv reports POLLERR (e.g. the peer closed with our bytes unread) as a poll error, but what the peer
+    // sent before closing (a HELLO of another version, GOAWAY) is still readable: take it first.
+    read_transport();
+    if (!lost_) lose(Error{ErrorCode::kIo, -status, "transport poll failed"});
     return;
   }
   if (events & UV_READABLE) read_transport();
@@ -91,7 +94,10 @@ void Session::write_transport() {
         poller_.want(true, true);
         return;
       }
-      lose(errno_error("transport write failed"));
+      const int err = errno;
+      // The peer may have said why before it closed (a HELLO of another version, GOAWAY): read that first.
+      if (err == EPIPE || err == ECONNRESET) read_transport();
+      if (!lost_) lose(errno_error("transport write failed", err));
       return;
     }
     mux_.consume_output(static_cast<size_t>(n));
