@@ -17,13 +17,14 @@ namespace {
 
 constexpr uint16_t kTransportGroup = 0;
 constexpr uint16_t kConnGroup = 1;
-constexpr auto kSerialRetry = std::chrono::milliseconds(100);   // host away from the serial port
-constexpr auto kAcceptRetry = std::chrono::milliseconds(100);   // accept failed (EMFILE and the like)
-constexpr auto kHardDeadline = std::chrono::milliseconds(1000); // cancelled operations must be back by then
+constexpr auto kSerialRetry = std::chrono::milliseconds(100);    // host away from the serial port
+constexpr auto kAcceptRetry = std::chrono::milliseconds(100);    // accept failed (EMFILE and the like)
+constexpr auto kHardDeadline = std::chrono::milliseconds(1000);  // cancelled operations must be back by then
 constexpr uint32_t kDrainTimer = 0;
 constexpr uint32_t kHardTimer = 1;
 constexpr auto kMinRescan = std::chrono::milliseconds(2);  // on-demand scans (an OPEN for an unseen port)
-// A scan happens at least this often even when the socket counts did not move (PortWatcher::may_have_changed).
+// A scan happens at least this often even when the socket counts did not move
+// (PortWatcher::may_have_changed).
 constexpr auto kFullScanEvery = std::chrono::milliseconds(500);
 // UDP replies and reassembled datagrams: a block takes a few maximal datagrams or many small ones.
 constexpr size_t kDatagramBlock = 256 * 1024;
@@ -60,7 +61,8 @@ Result<std::unique_ptr<Agent>> Agent::create(AgentConfig config) {
   return agent;
 }
 
-Agent::Agent(AgentConfig config, TargetPolicy targets, std::unique_ptr<UringLoop> loop, TransportEndpoint endpoint)
+Agent::Agent(AgentConfig config, TargetPolicy targets, std::unique_ptr<UringLoop> loop,
+             TransportEndpoint endpoint)
     : config_(std::move(config)),
       targets_(std::move(targets)),
       // Free buffers kept for reuse beyond the ones the rings hold; more are returned to the allocator.
@@ -73,7 +75,8 @@ Agent::Agent(AgentConfig config, TargetPolicy targets, std::unique_ptr<UringLoop
 Status Agent::setup() {
   if (config_.buffer_rings) {
     auto transport = ReadBuffers::ring(*loop_, pool_, kTransportGroup, config_.transport_ring_entries);
-    auto conn = transport ? ReadBuffers::ring(*loop_, pool_, kConnGroup, config_.conn_ring_entries) : transport.error();
+    auto conn = transport ? ReadBuffers::ring(*loop_, pool_, kConnGroup, config_.conn_ring_entries)
+                          : transport.error();
     if (transport && conn) {
       transport_buffers_ = std::move(*transport);
       conn_buffers_ = std::move(*conn);
@@ -85,8 +88,9 @@ Status Agent::setup() {
     transport_buffers_ = ReadBuffers::plain(pool_);
     conn_buffers_ = ReadBuffers::plain(pool_);
   }
-  env_ = std::make_unique<SessionEnv>(SessionEnv{*loop_, *transport_buffers_, *conn_buffers_, targets_, counters_,
-                                                  config_.mux, *this, datagram_pool_, datagram_arena_});
+  env_ = std::make_unique<SessionEnv>(SessionEnv{*loop_, *transport_buffers_, *conn_buffers_, targets_,
+                                                 counters_, config_.mux, *this, datagram_pool_,
+                                                 datagram_arena_});
 
   if (!config_.shares.empty()) {
     auto injector = file_events::Injector::create(config_.shares);
@@ -94,19 +98,22 @@ Status Agent::setup() {
     injector_ = std::make_unique<file_events::Injector>(std::move(*injector));
     config_.mux.features |= kFeatureFileEvents;
     env_->mux_config.features |= kFeatureFileEvents;
-    for (const auto& m : config_.shares) log::info("replaying host changes of share {} on {}", m.share, m.guest_path);
+    for (const auto& m : config_.shares)
+      log::info("replaying host changes of share {} on {}", m.share, m.guest_path);
   }
   if (config_.ports.enabled) {
     // The agent's own TCP transport is not a guest service.
     std::set<uint16_t> own;
-    if (endpoint_.address().kind == Address::Kind::kTcp) own.insert(static_cast<uint16_t>(endpoint_.address().port));
+    if (endpoint_.address().kind == Address::Kind::kTcp)
+      own.insert(static_cast<uint16_t>(endpoint_.address().port));
     watcher_ = std::make_unique<PortWatcher>(std::move(own));
     scan_ports();  // a netlink failure shows at startup, not only at the first host connection
   }
   for (const ReverseUnix& r : config_.reverse_unix) {
     auto endpoint = TransportEndpoint::open(Address{Address::Kind::kUnix, r.guest_path});
-    if (!endpoint) return Error{ErrorCode::kConfig, endpoint.error().errno_value,
-                                fmt::format("--reverse-unix {}={}: {}", r.guest_path, r.name, endpoint.error().message)};
+    if (!endpoint)
+      return Error{ErrorCode::kConfig, endpoint.error().errno_value,
+                   fmt::format("--reverse-unix {}={}: {}", r.guest_path, r.name, endpoint.error().message)};
     reverse_.push_back(ReverseListener{r, std::move(*endpoint)});
   }
 
@@ -133,17 +140,18 @@ Agent::~Agent() {
 
 std::string Agent::counters_line() const {
   const auto& ls = loop_->stats();
-  return fmt::format("{} loop_iterations={} completions={} early_submits={} transport_reads={} conn_reads={} "
-                     "read_buffers_exhausted={} pool_buffers={}",
-                     counters_.to_string(), ls.iterations, ls.completions, ls.early_submits,
-                     transport_buffers_->stats().reads, conn_buffers_->stats().reads,
-                     transport_buffers_->stats().exhausted + conn_buffers_->stats().exhausted,
-                     pool_.stats().allocated);
+  return fmt::format(
+      "{} loop_iterations={} completions={} early_submits={} transport_reads={} conn_reads={} "
+      "read_buffers_exhausted={} pool_buffers={}",
+      counters_.to_string(), ls.iterations, ls.completions, ls.early_submits,
+      transport_buffers_->stats().reads, conn_buffers_->stats().reads,
+      transport_buffers_->stats().exhausted + conn_buffers_->stats().exhausted, pool_.stats().allocated);
 }
 
 int Agent::run() {
   log::info("listening on {} ({}; {})", endpoint_.address().to_string(),
-            transport_buffers_->uses_ring() ? "reads into provided-buffer rings" : "reads into per-read pool buffers",
+            transport_buffers_->uses_ring() ? "reads into provided-buffer rings"
+                                            : "reads into per-read pool buffers",
             fmt::format("{} KiB buffers", config_.buffer_size / 1024));
   if (watcher_) {
     log::info("following guest ports: a NETLINK_SOCK_DIAG scan every {} ms ({} listener(s) now)",
@@ -280,7 +288,8 @@ void Agent::on_serial_probe(const io_uring_cqe& cqe) {
     }
   }
   if (cqe.res == 0 && !probe_saw_eof_) {
-    log::info("no host on {} yet; checking every {} ms", endpoint_.address().to_string(), kSerialRetry.count());
+    log::info("no host on {} yet; checking every {} ms", endpoint_.address().to_string(),
+              kSerialRetry.count());
   }
   probe_saw_eof_ = cqe.res == 0;
   last_probe_error_ = failed ? cqe.res : 0;
@@ -295,8 +304,8 @@ void Agent::on_signal(int res) {
     drain_expired_ = hard_expired_ = true;
     return;
   }
-  log::info("{}: sending GOAWAY and draining streams for up to {} ms", strsignal(static_cast<int>(siginfo_.ssi_signo)),
-            config_.drain_timeout.count());
+  log::info("{}: sending GOAWAY and draining streams for up to {} ms",
+            strsignal(static_cast<int>(siginfo_.ssi_signo)), config_.drain_timeout.count());
   begin_drain();
 }
 
@@ -383,14 +392,16 @@ void Agent::scan_ports() {
   if (!diff) {
     ++counters_.port_scan_errors;
     if (diff.error().errno_value != last_scan_error_) {
-      log::warn("port scan failed: {}; retrying every {} ms", diff.error().to_string(), config_.ports.interval.count());
+      log::warn("port scan failed: {}; retrying every {} ms", diff.error().to_string(),
+                config_.ports.interval.count());
     }
     last_scan_error_ = diff.error().errno_value;
     return;
   }
   if (last_scan_error_ != 0) log::info("port scans work again");
   last_scan_error_ = 0;
-  if (!diff->empty() && active_ && active_->host_ready()) active_->send_ports(*diff, config_.ports.max_per_message);
+  if (!diff->empty() && active_ && active_->host_ready())
+    active_->send_ports(*diff, config_.ports.max_per_message);
 }
 
 void Agent::on_host_ready(Session& session) {
@@ -410,7 +421,8 @@ void Agent::on_host_ready(Session& session) {
 
 void Agent::on_file_events(const wire::FileEvents& batch) {
   if (!injector_) {
-    log::debug("file events for share {} ignored: no --share configured", batch.share() ? batch.share()->str() : "");
+    log::debug("file events for share {} ignored: no --share configured",
+               batch.share() ? batch.share()->str() : "");
     return;
   }
   // Synchronous: each event costs a few metadata syscalls on the mount, and batches are bounded by the host.
@@ -510,9 +522,8 @@ bool Agent::shutdown_step() {
     if (!drain_expired_) loop_->cancel(Tag{Op::kDrainTimer, 0, kDrainTimer});
     arm_timer(kHardTimer, kHardDeadline);
   }
-  const bool reverse_busy = std::any_of(reverse_.begin(), reverse_.end(), [](const ReverseListener& r) {
-    return r.accepting;
-  });
+  const bool reverse_busy =
+      std::any_of(reverse_.begin(), reverse_.end(), [](const ReverseListener& r) { return r.accepting; });
   if (retiring_.empty() && !probing_ && !accepting_ && !port_timer_armed_ && !reverse_busy) return true;
   if (hard_expired_) {
     log::warn("exiting with {} host connection(s) still cancelling operations", retiring_.size());

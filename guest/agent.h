@@ -61,7 +61,8 @@ struct AgentConfig {
   SerialPaths serial_paths;
   PortWatchConfig ports;
   std::vector<ReverseUnix> reverse_unix;
-  std::vector<file_events::Mount> shares;  // host folders mounted in the guest whose host-side changes are replayed here
+  std::vector<file_events::Mount>
+      shares;  // host folders mounted in the guest whose host-side changes are replayed here
 };
 
 class Agent final : private SessionHooks {
@@ -86,7 +87,8 @@ class Agent final : private SessionHooks {
     __kernel_timespec retry_ts{};
   };
 
-  Agent(AgentConfig config, TargetPolicy targets, std::unique_ptr<UringLoop> loop, TransportEndpoint endpoint);
+  Agent(AgentConfig config, TargetPolicy targets, std::unique_ptr<UringLoop> loop,
+        TransportEndpoint endpoint);
   Status setup();
 
   // SessionHooks
@@ -146,7 +148,7 @@ class Agent final : private SessionHooks {
   socklen_t peer_len_ = 0;
   bool probing_ = false;  // serial: a read waiting for the host
   Slice probe_hold_;
-  int last_probe_error_ = 0;   // log each kind of probe failure once per streak
+  int last_probe_error_ = 0;  // log each kind of probe failure once per streak
   bool probe_saw_eof_ = false;
   bool retry_pending_ = false;  // a pause before re-arming accept or the serial probe
   __kernel_timespec retry_ts_{};
@@ -154,7 +156,7 @@ class Agent final : private SessionHooks {
   signalfd_siginfo siginfo_{};
   bool signal_armed_ = false;
 
-  std::unique_ptr<PortWatcher> watcher_;  // null with --no-ports
+  std::unique_ptr<PortWatcher> watcher_;             // null with --no-ports
   std::unique_ptr<file_events::Injector> injector_;  // null without --share
   Slice serial_carry_;  // bytes a failed serial session stopped at; the next session starts from them
   bool port_timer_armed_ = false;
@@ -165,8 +167,8 @@ class Agent final : private SessionHooks {
   std::vector<ReverseListener> reverse_;
 
   // Shutdown
-  bool stopping_ = false;       // a signal arrived: GOAWAY sent, streams draining
-  bool closing_all_ = false;    // the drain ended: sessions are being closed
+  bool stopping_ = false;     // a signal arrived: GOAWAY sent, streams draining
+  bool closing_all_ = false;  // the drain ended: sessions are being closed
   bool drain_expired_ = false;
   bool hard_expired_ = false;
   __kernel_timespec timer_ts_[2]{};

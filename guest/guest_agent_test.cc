@@ -11,8 +11,8 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
-#include <termios.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -250,7 +250,8 @@ class AgentProcess {
   AgentProcess(const TempDir& dir, const std::vector<std::string>& flags, const std::string& listen = "")
       : socket_path_(dir.file("agent.sock")), log_path_(dir.file("agent.log")) {
     std::vector<std::string> args = {VBRIDGE_GUEST_BINARY, "--listen",
-                                     listen.empty() ? "unix:" + socket_path_ : listen, "--log-level", "debug"};
+                                     listen.empty() ? "unix:" + socket_path_ : listen, "--log-level",
+                                     "debug"};
     args.insert(args.end(), flags.begin(), flags.end());
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
@@ -350,7 +351,8 @@ class HostPeer final : public MuxHandler {
     struct stat st {};
     is_socket_ = fstat(fd, &st) == 0 && S_ISSOCK(st.st_mode);
   }
-  // Over a serial port the host resyncs past the guest's restart marker, as vbridge-host --serial-chardev does.
+  // Over a serial port the host resyncs past the guest's restart marker, as vbridge-host --serial-chardev
+  // does.
   static MuxConfig config_for(int fd) {
     struct stat st {};
     MuxConfig config;
@@ -467,7 +469,8 @@ class HostPeer final : public MuxHandler {
       ++snapshots;
     }
     const auto key = [](const wire::Listener* l) {
-      return std::tuple{l->proto(), l->family(), l->address() != nullptr ? l->address()->str() : "", l->port()};
+      return std::tuple{l->proto(), l->family(), l->address() != nullptr ? l->address()->str() : "",
+                        l->port()};
     };
     if (ports->removed() != nullptr) {
       for (const auto* l : *ports->removed()) listeners.erase(key(l));
@@ -523,12 +526,14 @@ class HostPeer final : public MuxHandler {
       msghdr msg{};
       msg.msg_iov = iov;
       msg.msg_iovlen = n;
-      const ssize_t w = is_socket_ ? sendmsg(fd_, &msg, MSG_DONTWAIT | MSG_NOSIGNAL) : writev(fd_, iov, int(n));
+      const ssize_t w =
+          is_socket_ ? sendmsg(fd_, &msg, MSG_DONTWAIT | MSG_NOSIGNAL) : writev(fd_, iov, int(n));
       if (w > 0) mux_.consume_output(static_cast<size_t>(w));
     }
     if ((p.revents & (POLLIN | POLLHUP | POLLERR)) != 0) {
       Slice buf = pool_.acquire();
-      const ssize_t r = is_socket_ ? recv(fd_, buf.data(), buf.size(), MSG_DONTWAIT) : read(fd_, buf.data(), buf.size());
+      const ssize_t r =
+          is_socket_ ? recv(fd_, buf.data(), buf.size(), MSG_DONTWAIT) : read(fd_, buf.data(), buf.size());
       if (r > 0) {
         Status st = mux_.feed(buf.sub(0, static_cast<size_t>(r)));
         EXPECT_TRUE(st.ok()) << st.error().to_string();
@@ -567,11 +572,11 @@ class GuestAgent : public ::testing::TestWithParam<Mode> {
   }
 
   void start(std::vector<std::string> extra = {}) {
-    std::vector<std::string> flags = {"--forward",    "echo=" + dir_.file("echo.sock"),
-                                      "--forward",    "count=" + dir_.file("count.sock"),
-                                      "--allow-unix", dir_.file("banner.sock"),
-                                      "--allow-unix", dir_.file("hangup.sock"),
-                                      "--allow-unix", dir_.file("missing.sock"),
+    std::vector<std::string> flags = {"--forward",       "echo=" + dir_.file("echo.sock"),
+                                      "--forward",       "count=" + dir_.file("count.sock"),
+                                      "--allow-unix",    dir_.file("banner.sock"),
+                                      "--allow-unix",    dir_.file("hangup.sock"),
+                                      "--allow-unix",    dir_.file("missing.sock"),
                                       "--drain-timeout", "0.5"};
     flags.insert(flags.end(), GetParam().flags.begin(), GetParam().flags.end());
     flags.insert(flags.end(), extra.begin(), extra.end());
@@ -627,7 +632,8 @@ TEST_P(GuestAgent, SixtyFourMebibytesBothWaysWithChecksum) {
   const StreamId id = host->open_unix("echo");
   host->send_bulk(id, kBytes, 42, /*fin_after=*/true);
   const auto t0 = Clock::now();
-  ASSERT_TRUE(host->pump_until([&] { return host->stream(id).closed; }, milliseconds(60000))) << agent_->log();
+  ASSERT_TRUE(host->pump_until([&] { return host->stream(id).closed; }, milliseconds(60000)))
+      << agent_->log();
   const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   const StreamRecord& r = host->stream(id);
   EXPECT_EQ(r.sent, kBytes);
@@ -696,7 +702,8 @@ TEST_P(GuestAgent, MissingSocketFailsWithEnoentNamingThePath) {
   host->send_text(id, "data sent before the answer is dropped with the stream");
   ASSERT_TRUE(host->pump_until([&] { return host->stream(id).open_fail; })) << agent_->log();
   EXPECT_EQ(host->stream(id).error_errno, ENOENT);
-  EXPECT_EQ(host->stream(id).message, "guest socket " + dir_.file("missing.sock") + ": No such file or directory");
+  EXPECT_EQ(host->stream(id).message,
+            "guest socket " + dir_.file("missing.sock") + ": No such file or directory");
   expect_echo(*host, "still serving");
 }
 
@@ -766,8 +773,10 @@ class UdpEcho {
         if (p[1].revents != 0) return;
         sockaddr_storage from{};
         socklen_t from_len = sizeof(from);
-        const ssize_t n = recvfrom(fd_, buf.data(), buf.size(), 0, reinterpret_cast<sockaddr*>(&from), &from_len);
-        if (n >= 0) sendto(fd_, buf.data(), static_cast<size_t>(n), 0, reinterpret_cast<sockaddr*>(&from), from_len);
+        const ssize_t n =
+            recvfrom(fd_, buf.data(), buf.size(), 0, reinterpret_cast<sockaddr*>(&from), &from_len);
+        if (n >= 0)
+          sendto(fd_, buf.data(), static_cast<size_t>(n), 0, reinterpret_cast<sockaddr*>(&from), from_len);
       }
     });
   }
@@ -893,7 +902,8 @@ std::string hello_frame(uint16_t version) {
   hello.initial_window = 1 << 20;
   hello.max_streams = 100;
   std::string out(kFrameHeaderSize, '\0');
-  encode_header(FrameHeader{kHelloPayloadSize, 0, FrameType::kHello, 0}, reinterpret_cast<std::byte*>(out.data()));
+  encode_header(FrameHeader{kHelloPayloadSize, 0, FrameType::kHello, 0},
+                reinterpret_cast<std::byte*>(out.data()));
   const auto payload = encode_hello(hello);
   out.append(reinterpret_cast<const char*>(payload.data()), payload.size());
   return out;
@@ -917,7 +927,8 @@ TEST_P(GuestAgent, WrongProtocolVersionIsLoggedAndAgentKeepsServing) {
   start();
   send_raw_and_expect_hangup(agent_->connect_host(), hello_frame(kProtocolVersion + 8));
   EXPECT_TRUE(agent_->wait_log("protocol version " + std::to_string(kProtocolVersion + 8)));
-  EXPECT_NE(agent_->log().find("this agent speaks version " + std::to_string(kProtocolVersion)), std::string::npos)
+  EXPECT_NE(agent_->log().find("this agent speaks version " + std::to_string(kProtocolVersion)),
+            std::string::npos)
       << agent_->log();
   auto host = connect();
   expect_echo(*host, "after a version mismatch");
@@ -945,7 +956,8 @@ TEST_P(GuestAgent, HostDropMidStreamThenNewHostWorksWithinOneSecond) {
   const StreamId id = second->open_unix("echo");
   second->send_text(id, "after the drop");
   second->mux().shutdown_write(id);
-  ASSERT_TRUE(second->pump_until([&] { return second->stream(id).closed; }, milliseconds(1000))) << agent_->log();
+  ASSERT_TRUE(second->pump_until([&] { return second->stream(id).closed; }, milliseconds(1000)))
+      << agent_->log();
   EXPECT_EQ(second->stream(id).data, "after the drop");
   EXPECT_LT(Clock::now() - dropped_at, milliseconds(1000));
   // The guest socket of the dropped stream was closed: only the new stream's echo ran since.
@@ -1015,8 +1027,8 @@ TEST_P(GuestAgent, DrainTimeoutClosesStreamsThatStayOpen) {
   EXPECT_TRUE(wait_until([&] { return echo_->active() == 0; }, kDeadline));
 }
 
-// A pseudo-terminal in raw mode stands in for a virtio-serial port: the agent opens the terminal side once and
-// holds it; the test plays the host on the other side. With VMIN=0 a read with no data returns 0, as a
+// A pseudo-terminal in raw mode stands in for a virtio-serial port: the agent opens the terminal side once
+// and holds it; the test plays the host on the other side. With VMIN=0 a read with no data returns 0, as a
 // virtio-serial read does while no host is attached, so the agent's wait-and-re-read path runs first.
 TEST_P(GuestAgent, ServesAHostOverASerialPort) {
   const int master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
@@ -1051,7 +1063,8 @@ TEST_P(GuestAgent, ServesAHostOverASerialPort) {
 }
 
 INSTANTIATE_TEST_SUITE_P(ReadModes, GuestAgent,
-                         ::testing::Values(Mode{"BufferRing", {}}, Mode{"PlainBuffers", {"--no-buffer-ring"}}),
+                         ::testing::Values(Mode{"BufferRing", {}},
+                                           Mode{"PlainBuffers", {"--no-buffer-ring"}}),
                          [](const ::testing::TestParamInfo<Mode>& p) { return std::string(p.param.name); });
 
 }  // namespace

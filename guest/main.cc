@@ -1,8 +1,8 @@
 // vbridge-guest: the agent inside the VM. Wires the command line to an Agent and runs it.
-#include <CLI/CLI.hpp>
 #include <signal.h>
 #include <sys/resource.h>
 
+#include <CLI/CLI.hpp>
 #include <string>
 #include <vector>
 
@@ -13,8 +13,10 @@
 int main(int argc, char** argv) {
   using namespace vbridge;
   CLI::App app{
-      "vbridge guest agent: runs inside the VM, waits for the host agent on one transport and connects the host's\n"
-      "streams to guest sockets (the Docker API socket, named unix sockets, loopback ports). Tells the host which\n"
+      "vbridge guest agent: runs inside the VM, waits for the host agent on one transport and connects the "
+      "host's\n"
+      "streams to guest sockets (the Docker API socket, named unix sockets, loopback ports). Tells the host "
+      "which\n"
       "TCP and UDP ports guest programs listen on, so the host can forward them."};
   std::string listen;
   std::string docker_socket = guest::kDefaultDockerSocket;
@@ -30,23 +32,27 @@ int main(int argc, char** argv) {
   bool no_buffer_ring = false;
   size_t buffer_kib = 256;
 
-  app.add_option("--listen", listen,
-                 "Where to wait for the host agent: vsock:PORT (production; only the host, CID 2, may connect), "
-                 "serial:NAME or serial:/dev/virtio-ports/NAME (virtio-serial port, held open for the agent's "
-                 "life), unix:/path or tcp:HOST:PORT (tests, remote guests)")
+  app.add_option(
+         "--listen", listen,
+         "Where to wait for the host agent: vsock:PORT (production; only the host, CID 2, may connect), "
+         "serial:NAME or serial:/dev/virtio-ports/NAME (virtio-serial port, held open for the agent's "
+         "life), unix:/path or tcp:HOST:PORT (tests, remote guests)")
       ->required();
   app.add_option("--docker-socket", docker_socket,
                  "Guest Docker API socket that the host's \"docker\" target reaches")
       ->capture_default_str();
-  app.add_option("--forward", forwards,
-                 "NAME=/path/to.sock: define a named unix socket target the host may open by NAME (repeatable)");
-  app.add_option("--allow-unix", allow_unix,
-                 "Allow the host to open this absolute unix socket path directly (repeatable); other paths are "
-                 "refused with EACCES");
-  app.add_flag("--allow-ports", allow_ports,
-               "Allow the host to open TCP and UDP flows to any guest loopback port (127.0.0.1, ::1), listened on "
-               "or not, as static forwards (vbridge-host -p) of ports that appear later need. Without it only ports "
-               "the port watcher reports a guest listener on may be dialled");
+  app.add_option(
+      "--forward", forwards,
+      "NAME=/path/to.sock: define a named unix socket target the host may open by NAME (repeatable)");
+  app.add_option(
+      "--allow-unix", allow_unix,
+      "Allow the host to open this absolute unix socket path directly (repeatable); other paths are "
+      "refused with EACCES");
+  app.add_flag(
+      "--allow-ports", allow_ports,
+      "Allow the host to open TCP and UDP flows to any guest loopback port (127.0.0.1, ::1), listened on "
+      "or not, as static forwards (vbridge-host -p) of ports that appear later need. Without it only ports "
+      "the port watcher reports a guest listener on may be dialled");
   app.add_flag("--no-ports", no_ports,
                "Do not watch the guest's listening TCP and UDP sockets (no PORTS messages to the host; only "
                "--allow-ports then allows port targets)");
@@ -55,12 +61,14 @@ int main(int argc, char** argv) {
                  "listener reaches the host within about this long")
       ->check(CLI::Range(1u, 60000u))
       ->capture_default_str();
-  app.add_option("--reverse-unix", reverse_unix,
-                 "/GUEST/PATH.sock=NAME: listen on this guest unix socket and carry each client to the host's "
-                 "target NAME (vbridge-host --expose-unix NAME=/host/path.sock) (repeatable)");
-  app.add_option("--share", shares,
-                 "NAME=/guest/mount: the guest's mount of a host folder the host agent watches (vbridge-host --share "
-                 "NAME=HOST_DIR); host changes under it are replayed here as inotify events (repeatable)");
+  app.add_option(
+      "--reverse-unix", reverse_unix,
+      "/GUEST/PATH.sock=NAME: listen on this guest unix socket and carry each client to the host's "
+      "target NAME (vbridge-host --expose-unix NAME=/host/path.sock) (repeatable)");
+  app.add_option(
+      "--share", shares,
+      "NAME=/guest/mount: the guest's mount of a host folder the host agent watches (vbridge-host --share "
+      "NAME=HOST_DIR); host changes under it are replayed here as inotify events (repeatable)");
   app.add_option("--log-level", log_level, "Log verbosity: debug, info, warn or error")
       ->check(CLI::IsMember({"debug", "info", "warn", "error"}))
       ->capture_default_str();
@@ -68,9 +76,10 @@ int main(int argc, char** argv) {
                  "On SIGTERM/SIGINT: seconds to let open streams finish after GOAWAY before closing them")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
-  app.add_flag("--no-buffer-ring", no_buffer_ring,
-               "Read into a pool buffer per read instead of io_uring provided-buffer rings (the automatic fallback "
-               "on kernels before 5.19; also useful for comparison)");
+  app.add_flag(
+      "--no-buffer-ring", no_buffer_ring,
+      "Read into a pool buffer per read instead of io_uring provided-buffer rings (the automatic fallback "
+      "on kernels before 5.19; also useful for comparison)");
   app.add_option("--buffer-kib", buffer_kib,
                  "Size of one read buffer in KiB; also the largest single read from a socket")
       ->check(CLI::Range(size_t{4}, size_t{1024}))
@@ -83,7 +92,8 @@ int main(int argc, char** argv) {
   log::set_level(level);
   // Writes use MSG_NOSIGNAL on sockets, but a serial port write cannot; a vanished peer is an error value.
   signal(SIGPIPE, SIG_IGN);
-  // One descriptor per stream (each forwarded connection and UDP flow): the soft limit goes up to the hard one.
+  // One descriptor per stream (each forwarded connection and UDP flow): the soft limit goes up to the hard
+  // one.
   if (rlimit rl{}; getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
     rl.rlim_cur = rl.rlim_max;
     setrlimit(RLIMIT_NOFILE, &rl);

@@ -1,12 +1,13 @@
 #include "guest/port_watcher_linux.h"
 
 #include <arpa/inet.h>
+#include <fcntl.h>
+#include <fmt/format.h>
 #include <linux/inet_diag.h>
 #include <linux/netlink.h>
 #include <linux/sock_diag.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <fcntl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -15,12 +16,10 @@
 #include <cstdlib>
 #include <cstring>
 
-#include <fmt/format.h>
-
 namespace vbridge::guest {
 namespace {
 
-constexpr uint32_t kTcpListen = 10;  // TCP_LISTEN in the kernel's state numbering
+constexpr uint32_t kTcpListen = 10;      // TCP_LISTEN in the kernel's state numbering
 constexpr uint32_t kUdpUnconnected = 7;  // TCP_CLOSE: a UDP socket that is bound but not connected
 
 Status dump(int fd, uint8_t family, uint8_t protocol, uint32_t states, std::set<PortEntry>& out) {
@@ -88,7 +87,8 @@ Result<std::set<PortEntry>> scan_listeners(const NetlinkSocket& nl) {
 }
 
 SocketCounts::SocketCounts()
-    : v4_(::open("/proc/net/sockstat", O_RDONLY | O_CLOEXEC)), v6_(::open("/proc/net/sockstat6", O_RDONLY | O_CLOEXEC)) {}
+    : v4_(::open("/proc/net/sockstat", O_RDONLY | O_CLOEXEC)),
+      v6_(::open("/proc/net/sockstat6", O_RDONLY | O_CLOEXEC)) {}
 
 SocketCounts::~SocketCounts() {
   if (v4_ >= 0) ::close(v4_);
@@ -142,8 +142,10 @@ Result<PortDiff> PortWatcher::poll() {
     diff.added.assign(now.begin(), now.end());
     need_full_ = false;
   } else {
-    std::set_difference(now.begin(), now.end(), current_.begin(), current_.end(), std::back_inserter(diff.added));
-    std::set_difference(current_.begin(), current_.end(), now.begin(), now.end(), std::back_inserter(diff.removed));
+    std::set_difference(now.begin(), now.end(), current_.begin(), current_.end(),
+                        std::back_inserter(diff.added));
+    std::set_difference(current_.begin(), current_.end(), now.begin(), now.end(),
+                        std::back_inserter(diff.removed));
   }
   current_ = std::move(now);
   return diff;
@@ -160,7 +162,8 @@ void build_ports_message(const PortDiff& diff, flatbuffers::FlatBufferBuilder& o
   };
   const auto added = listeners(diff.added);
   const auto removed = listeners(diff.removed);
-  out.Finish(wire::CreateControl(out, wire::Message::Ports, wire::CreatePorts(out, added, removed, diff.full).Union()));
+  out.Finish(wire::CreateControl(out, wire::Message::Ports,
+                                 wire::CreatePorts(out, added, removed, diff.full).Union()));
 }
 
 std::vector<PortDiff> split_diff(const PortDiff& diff, size_t max_listeners) {

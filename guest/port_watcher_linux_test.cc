@@ -2,8 +2,8 @@
 
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
-#include <netinet/in.h>
 #include <net/if.h>
+#include <netinet/in.h>
 #include <sched.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
@@ -125,9 +125,9 @@ TEST(PortWatcher, ScansOnlyWhenSocketCountsMoved) {
     int code = 0;
     if (!watcher.may_have_changed()) code |= 1;  // before the first scan: a snapshot is due
     if (!watcher.poll().ok()) code |= 2;
-    if (watcher.may_have_changed()) code |= 4;    // nothing moved since
+    if (watcher.may_have_changed()) code |= 4;  // nothing moved since
     BoundSocket udp(AF_INET, SOCK_DGRAM);
-    if (!watcher.may_have_changed()) code |= 8;   // a bound UDP socket moves the counts
+    if (!watcher.may_have_changed()) code |= 8;  // a bound UDP socket moves the counts
     if (!watcher.poll().ok() || watcher.may_have_changed()) code |= 16;
     BoundSocket tcp(AF_INET6, SOCK_STREAM);
     if (!watcher.may_have_changed()) code |= 32;  // so does a TCP listener
@@ -158,7 +158,8 @@ TEST(PortWatcher, BuildsAPortsMessage) {
 TEST(PortWatcher, SplitsBigDiffsRemovalsFirstAndMarksOnlyTheFirstSnapshotPartFull) {
   PortDiff snapshot;
   snapshot.full = true;
-  for (uint16_t p = 1; p <= 5; ++p) snapshot.added.push_back({wire::Proto::Tcp, wire::Family::Inet4, "0.0.0.0", p});
+  for (uint16_t p = 1; p <= 5; ++p)
+    snapshot.added.push_back({wire::Proto::Tcp, wire::Family::Inet4, "0.0.0.0", p});
   const auto parts = split_diff(snapshot, 2);
   ASSERT_EQ(parts.size(), 3u);
   EXPECT_TRUE(parts[0].full);
@@ -187,7 +188,8 @@ TEST(PortWatcher, SplitsBigDiffsRemovalsFirstAndMarksOnlyTheFirstSnapshotPartFul
 TEST(PortWatcher, TwoThousandListenersFitFarBelowTheControlLimit) {
   PortDiff diff;
   for (uint16_t p = 0; p < 2000; ++p) {
-    diff.added.push_back({wire::Proto::Tcp, wire::Family::Inet6, "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fff0", p});
+    diff.added.push_back(
+        {wire::Proto::Tcp, wire::Family::Inet6, "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fff0", p});
   }
   flatbuffers::FlatBufferBuilder b;
   build_ports_message(diff, b);

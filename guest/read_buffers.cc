@@ -11,7 +11,8 @@ namespace vbridge::guest {
 Result<std::unique_ptr<ReadBuffers>> ReadBuffers::ring(UringLoop& loop, BufferPool& pool, uint16_t group,
                                                        unsigned entries) {
   if (entries == 0 || (entries & (entries - 1)) != 0 || entries > 32768) {
-    return Error{ErrorCode::kConfig, EINVAL, fmt::format("buffer ring size {} is not a power of two", entries)};
+    return Error{ErrorCode::kConfig, EINVAL,
+                 fmt::format("buffer ring size {} is not a power of two", entries)};
   }
   std::unique_ptr<ReadBuffers> rb(new ReadBuffers(&loop, pool));
   // The ring itself must be page-aligned memory shared with the kernel.
@@ -27,8 +28,9 @@ Result<std::unique_ptr<ReadBuffers>> ReadBuffers::ring(UringLoop& loop, BufferPo
   if (rc != 0) {
     munmap(mem, rb->br_bytes_);
     rb->br_ = nullptr;
-    return Error{ErrorCode::kIo, -rc,
-                 fmt::format("io_uring provided-buffer rings unavailable ({}; needs Linux 5.19)", std::strerror(-rc))};
+    return Error{
+        ErrorCode::kIo, -rc,
+        fmt::format("io_uring provided-buffer rings unavailable ({}; needs Linux 5.19)", std::strerror(-rc))};
   }
   rb->group_ = group;
   rb->mask_ = entries - 1;

@@ -14,15 +14,17 @@ namespace vbridge::guest {
 std::string GuestCounters::to_string() const {
   return fmt::format(
       "host_connections={} host_failures={} peers_refused={} accept_errors={} serial_errors={} "
-      "streams_opened={} open_denied={} dial_failed={} stream_errors={} resets_from_host={} streams_dropped={} "
-      "bytes_from_guest={} bytes_to_guest={} transport_bytes_in={} transport_bytes_out={} transport_writes={} "
+      "streams_opened={} open_denied={} dial_failed={} stream_errors={} resets_from_host={} "
+      "streams_dropped={} "
+      "bytes_from_guest={} bytes_to_guest={} transport_bytes_in={} transport_bytes_out={} "
+      "transport_writes={} "
       "frames_in={} frames_out={} datagrams_to_guest={} datagrams_from_guest={} datagrams_dropped={} "
       "port_scans={} port_scan_errors={} ports_messages={} reverse_opened={} reverse_refused={}",
-      host_connections, host_failures, peers_refused, accept_errors, serial_errors, streams_opened, open_denied,
-      dial_failed, stream_errors, resets_from_host, streams_dropped, bytes_from_guest, bytes_to_guest,
-      transport_bytes_in, transport_bytes_out, transport_writes, frames_in, frames_out, datagrams_to_guest,
-      datagrams_from_guest, datagrams_dropped, port_scans, port_scan_errors, ports_messages, reverse_opened,
-      reverse_refused);
+      host_connections, host_failures, peers_refused, accept_errors, serial_errors, streams_opened,
+      open_denied, dial_failed, stream_errors, resets_from_host, streams_dropped, bytes_from_guest,
+      bytes_to_guest, transport_bytes_in, transport_bytes_out, transport_writes, frames_in, frames_out,
+      datagrams_to_guest, datagrams_from_guest, datagrams_dropped, port_scans, port_scan_errors,
+      ports_messages, reverse_opened, reverse_refused);
 }
 
 // A guest socket serving one stream. Per-direction progress sits in flags beside the phase:
@@ -74,7 +76,12 @@ MuxConfig Session::mux_config_for(MuxConfig config, TransportKind kind) {
 }
 
 Session::Session(SessionEnv& env, uint32_t owner, int fd, TransportKind kind, std::string peer)
-    : env_(env), owner_(owner), fd_(fd), kind_(kind), peer_(std::move(peer)), mux_(Role::kGuest, *this, mux_config_for(env.mux_config, kind)) {}
+    : env_(env),
+      owner_(owner),
+      fd_(fd),
+      kind_(kind),
+      peer_(std::move(peer)),
+      mux_(Role::kGuest, *this, mux_config_for(env.mux_config, kind)) {}
 
 Session::~Session() {
   for (auto& c : conns_) {
@@ -258,7 +265,8 @@ void Session::on_transport_write(int res) {
 
 void Session::feed(const Slice& bytes) {
   if (Status st = mux_.feed(bytes); !st) {
-    // On a serial port the failing bytes may hold a reconnected host's HELLO: the next session starts from them.
+    // On a serial port the failing bytes may hold a reconnected host's HELLO: the next session starts from
+    // them.
     if (kind_ == TransportKind::kSerial) leftover_ = bytes;
     ++env_.counters.host_failures;
     close("host connection failed: " + st.error().to_string(), log::Level::kError);
@@ -281,7 +289,8 @@ void Session::send_ports(const PortDiff& diff, size_t max_listeners) {
     build_ports_message(part, b);
     mux_.send_control(b);
     ++env_.counters.ports_messages;
-    log::debug("{}: PORTS{} +{} -{}", peer_, part.full ? " snapshot" : "", part.added.size(), part.removed.size());
+    log::debug("{}: PORTS{} +{} -{}", peer_, part.full ? " snapshot" : "", part.added.size(),
+               part.removed.size());
   }
 }
 
@@ -295,7 +304,8 @@ void Session::on_open(StreamId id, const wire::Target& target) {
   }
   if (!plan) {
     ++env_.counters.open_denied;
-    log::at(log::Level::kWarn, id, "open {} refused: {}", TargetPolicy::describe(requested), plan.error().message);
+    log::at(log::Level::kWarn, id, "open {} refused: {}", TargetPolicy::describe(requested),
+            plan.error().message);
     mux_.reject(id, plan.error().errno_value, plan.error().message);
     return;
   }
@@ -312,7 +322,8 @@ void Session::open_reverse(int fd, const std::string& name, const std::string& g
   wire::TargetT target;
   target.proto = wire::Proto::Unix;
   target.path = name;
-  auto id = host_ready() ? mux_.open(target) : Result<StreamId>(Error{ErrorCode::kIo, 0, "host not connected"});
+  auto id =
+      host_ready() ? mux_.open(target) : Result<StreamId>(Error{ErrorCode::kIo, 0, "host not connected"});
   if (!id) {
     ++env_.counters.reverse_refused;
     log::warn("{}: client of {} turned away: {}", peer_, guest_path, id.error().to_string());
@@ -400,7 +411,9 @@ void Session::on_control(const wire::Control& message) {
   log::debug("{}: ignoring control message {}", peer_, wire::EnumNameMessage(message.message_type()));
 }
 
-void Session::on_goaway(const std::string& message) { log::info("{}: host is going away: {}", peer_, message); }
+void Session::on_goaway(const std::string& message) {
+  log::info("{}: host is going away: {}", peer_, message);
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // Guest sockets
@@ -479,7 +492,8 @@ void Session::on_dial(Conn& c, int res) {
     return;
   }
   const int err = -res;
-  const bool try_next = err == ECONNREFUSED || err == EADDRNOTAVAIL || err == ENETUNREACH || err == EAFNOSUPPORT;
+  const bool try_next =
+      err == ECONNREFUSED || err == EADDRNOTAVAIL || err == ENETUNREACH || err == EAFNOSUPPORT;
   if (try_next && c.next_address < c.plan.addresses.size()) {
     ::close(c.fd);
     c.fd = -1;
@@ -599,8 +613,7 @@ void Session::mark(Conn& c) {
 
 void Session::sync(Conn& c) {
   switch (c.phase) {
-    case Conn::Phase::kDialing:
-      return;
+    case Conn::Phase::kDialing: return;
     case Conn::Phase::kOpen:
       if (c.datagram) {
         if (!c.in_mux) {

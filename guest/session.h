@@ -47,32 +47,32 @@ namespace vbridge::guest {
 
 // Agent-wide counters; every failure path bumps one. Printed on exit.
 struct GuestCounters {
-  uint64_t host_connections = 0;    // host connections served
-  uint64_t host_failures = 0;       // host connections ended by a protocol or transport error
-  uint64_t peers_refused = 0;       // vsock peers other than the host
-  uint64_t accept_errors = 0;       // accept on the transport listener failed
-  uint64_t serial_errors = 0;       // reads on the serial port failed (not EOF)
-  uint64_t streams_opened = 0;      // OPENs whose guest socket connected
-  uint64_t open_denied = 0;         // OPENs refused by the target policy
-  uint64_t dial_failed = 0;         // OPENs whose guest socket did not connect
-  uint64_t stream_errors = 0;       // guest socket read/write errors; the stream was reset
+  uint64_t host_connections = 0;  // host connections served
+  uint64_t host_failures = 0;     // host connections ended by a protocol or transport error
+  uint64_t peers_refused = 0;     // vsock peers other than the host
+  uint64_t accept_errors = 0;     // accept on the transport listener failed
+  uint64_t serial_errors = 0;     // reads on the serial port failed (not EOF)
+  uint64_t streams_opened = 0;    // OPENs whose guest socket connected
+  uint64_t open_denied = 0;       // OPENs refused by the target policy
+  uint64_t dial_failed = 0;       // OPENs whose guest socket did not connect
+  uint64_t stream_errors = 0;     // guest socket read/write errors; the stream was reset
   uint64_t resets_from_host = 0;
-  uint64_t streams_dropped = 0;     // streams cut because their host connection ended
-  uint64_t bytes_from_guest = 0;    // read from guest sockets
-  uint64_t bytes_to_guest = 0;      // written to guest sockets
+  uint64_t streams_dropped = 0;   // streams cut because their host connection ended
+  uint64_t bytes_from_guest = 0;  // read from guest sockets
+  uint64_t bytes_to_guest = 0;    // written to guest sockets
   uint64_t transport_bytes_in = 0;
   uint64_t transport_bytes_out = 0;
   uint64_t transport_writes = 0;
-  uint64_t frames_in = 0;           // summed over finished host connections
+  uint64_t frames_in = 0;  // summed over finished host connections
   uint64_t frames_out = 0;
   uint64_t datagrams_to_guest = 0;  // UDP datagrams sent to guest sockets
   uint64_t datagrams_from_guest = 0;
-  uint64_t datagrams_dropped = 0;   // no room on the stream, or the guest socket refused them
+  uint64_t datagrams_dropped = 0;  // no room on the stream, or the guest socket refused them
   uint64_t port_scans = 0;
   uint64_t port_scan_errors = 0;
-  uint64_t ports_messages = 0;      // PORTS control messages sent
-  uint64_t reverse_opened = 0;      // guest clients of --reverse-unix sockets given a stream
-  uint64_t reverse_refused = 0;     // ... turned away (no host, or the host refused the name)
+  uint64_t ports_messages = 0;   // PORTS control messages sent
+  uint64_t reverse_opened = 0;   // guest clients of --reverse-unix sockets given a stream
+  uint64_t reverse_refused = 0;  // ... turned away (no host, or the host refused the name)
 
   std::string to_string() const;
 };
@@ -101,9 +101,9 @@ struct SessionEnv {
   GuestCounters& counters;
   MuxConfig mux_config;
   SessionHooks& hooks;
-  BufferPool& datagram_pool;    // blocks of at least kMaxDatagram + kDatagramPrefix bytes
-  ReadArena& datagram_arena;    // UDP replies, read one at a time into its tail
-  bool multishot = true;  // cleared for good when the kernel refuses multishot RECV
+  BufferPool& datagram_pool;  // blocks of at least kMaxDatagram + kDatagramPrefix bytes
+  ReadArena& datagram_arena;  // UDP replies, read one at a time into its tail
+  bool multishot = true;      // cleared for good when the kernel refuses multishot RECV
 };
 
 class Session final : public MuxHandler {
@@ -201,7 +201,7 @@ class Session final : public MuxHandler {
 
   bool reading_ = false;  // a transport read (multishot or single) is armed
   bool multishot_armed_ = false;
-  Slice read_hold_;       // plain mode: the buffer of the transport read in flight
+  Slice read_hold_;  // plain mode: the buffer of the transport read in flight
   bool writing_ = false;
   std::array<iovec, kTransportIov> iov_{};
   msghdr msg_{};
@@ -209,8 +209,8 @@ class Session final : public MuxHandler {
   std::vector<std::unique_ptr<Conn>> conns_;  // by slot; a slot is reused only when nothing is in flight
   std::vector<uint32_t> free_slots_;
   std::unordered_map<StreamId, uint32_t> by_stream_;  // streams the mux still has → slot
-  std::vector<uint32_t> dirty_;                        // slots to sync() in the next flush()
-  std::vector<uint32_t> dirty_work_;                   // the batch flush() is working through
+  std::vector<uint32_t> dirty_;                       // slots to sync() in the next flush()
+  std::vector<uint32_t> dirty_work_;                  // the batch flush() is working through
 };
 
 }  // namespace vbridge::guest

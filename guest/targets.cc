@@ -97,8 +97,8 @@ Result<TargetPolicy> TargetPolicy::create(TargetConfig config) {
       return config_error(fmt::format("{} \"{}\": the socket path must be absolute", flag, path));
     }
     if (path.size() > kMaxUnixPath) {
-      return config_error(fmt::format("{} \"{}\": unix socket paths are limited to {} bytes", flag, path,
-                                      kMaxUnixPath));
+      return config_error(
+          fmt::format("{} \"{}\": unix socket paths are limited to {} bytes", flag, path, kMaxUnixPath));
     }
     return {};
   };
@@ -122,14 +122,17 @@ std::string TargetPolicy::describe(const wire::TargetT& target) {
   switch (target.proto) {
     case wire::Proto::Unix: return target.path.empty() ? std::string("(empty path)") : target.path;
     case wire::Proto::Tcp:
-      return target.host.empty() ? fmt::format("tcp:{}", target.port) : fmt::format("tcp:{}:{}", target.host, target.port);
+      return target.host.empty() ? fmt::format("tcp:{}", target.port)
+                                 : fmt::format("tcp:{}:{}", target.host, target.port);
     case wire::Proto::Udp:
-      return target.host.empty() ? fmt::format("udp:{}", target.port) : fmt::format("udp:{}:{}", target.host, target.port);
+      return target.host.empty() ? fmt::format("udp:{}", target.port)
+                                 : fmt::format("udp:{}:{}", target.host, target.port);
   }
   return "?";
 }
 
-Result<DialPlan> TargetPolicy::resolve(const wire::TargetT& target, const std::set<PortEntry>* listeners) const {
+Result<DialPlan> TargetPolicy::resolve(const wire::TargetT& target,
+                                       const std::set<PortEntry>* listeners) const {
   switch (target.proto) {
     case wire::Proto::Unix: return resolve_unix(target.path);
     case wire::Proto::Tcp:
@@ -167,7 +170,8 @@ Result<DialPlan> TargetPolicy::resolve_unix(const std::string& path) const {
                                          "--allow-unix {} to allow it",
                                          path, path));
     }
-    if (path.size() > kMaxUnixPath) return refused(ENAMETOOLONG, fmt::format("guest socket {}: path too long", path));
+    if (path.size() > kMaxUnixPath)
+      return refused(ENAMETOOLONG, fmt::format("guest socket {}: path too long", path));
     resolved = path;
   }
   return DialPlan{"guest socket " + resolved, {unix_address(resolved)}};
@@ -186,9 +190,10 @@ Result<DialPlan> TargetPolicy::resolve_port(const wire::TargetT& target,
   }
   if (!config_.allow_ports && listening.empty()) {
     if (listeners == nullptr) {
-      return refused(EACCES, fmt::format("target {} is not allowed; start vbridge-guest with --allow-ports to allow "
-                                         "dialing guest loopback ports",
-                                         what));
+      return refused(EACCES,
+                     fmt::format("target {} is not allowed; start vbridge-guest with --allow-ports to allow "
+                                 "dialing guest loopback ports",
+                                 what));
     }
     return refused(EACCES, fmt::format("target {} is not allowed: no guest {} listener on port {} (start "
                                        "vbridge-guest with --allow-ports to allow dialing any loopback port)",
@@ -209,14 +214,16 @@ Result<DialPlan> TargetPolicy::resolve_port(const wire::TargetT& target,
   SocketAddress address;
   std::string canonical;
   if (!numeric_address(host, target.port, address, canonical)) {
-    return refused(EINVAL, fmt::format("target {}: \"{}\" is not a numeric IPv4 or IPv6 address", what, host));
+    return refused(EINVAL,
+                   fmt::format("target {}: \"{}\" is not a numeric IPv4 or IPv6 address", what, host));
   }
   const bool listened = std::any_of(listening.begin(), listening.end(),
                                     [&](const PortEntry* e) { return e->address == canonical; });
   if (!is_loopback(address) && !listened) {
-    return refused(EACCES, fmt::format("target {}: only loopback addresses (127.0.0.1, ::1) and the addresses of "
-                                       "guest listeners may be dialed",
-                                       what));
+    return refused(EACCES,
+                   fmt::format("target {}: only loopback addresses (127.0.0.1, ::1) and the addresses of "
+                               "guest listeners may be dialed",
+                               what));
   }
   plan.addresses.push_back(address);
   plan.description = address.family() == AF_INET6 ? fmt::format("{} [{}]:{}", kind, canonical, target.port)

@@ -130,8 +130,8 @@ TEST(Targets, AllowedPortDialsLoopbackOfTheFamily) {
 TEST(Targets, NonLoopbackHostsAreRefused) {
   TargetConfig c;
   c.allow_ports = true;
-  expect_refused(policy(c).resolve(port_target(80, wire::Proto::Tcp, wire::Family::Inet4, "10.0.0.1")), EACCES,
-                 "only loopback");
+  expect_refused(policy(c).resolve(port_target(80, wire::Proto::Tcp, wire::Family::Inet4, "10.0.0.1")),
+                 EACCES, "only loopback");
 }
 
 TEST(Targets, UdpPortDialsADatagramSocket) {
@@ -170,12 +170,13 @@ TEST(Targets, ListenerAddressesMayBeDialedOtherAddressesNot) {
   auto v6 = p.resolve(port_target(80, wire::Proto::Tcp, wire::Family::Inet6, "fd00:0::5"), &listeners);
   ASSERT_TRUE(v6.ok()) << v6.error().message;
   EXPECT_EQ(v6->description, "guest port [fd00::5]:80");
-  expect_refused(p.resolve(port_target(80, wire::Proto::Tcp, wire::Family::Inet4, "10.1.2.4"), &listeners), EACCES,
-                 "only loopback");
+  expect_refused(p.resolve(port_target(80, wire::Proto::Tcp, wire::Family::Inet4, "10.1.2.4"), &listeners),
+                 EACCES, "only loopback");
   expect_refused(p.resolve(port_target(80, wire::Proto::Tcp, wire::Family::Inet4, "example.com"), &listeners),
                  EINVAL, "numeric");
   // Any address of 127/8 is loopback.
-  EXPECT_TRUE(p.resolve(port_target(80, wire::Proto::Tcp, wire::Family::Inet4, "127.0.0.2"), &listeners).ok());
+  EXPECT_TRUE(
+      p.resolve(port_target(80, wire::Proto::Tcp, wire::Family::Inet4, "127.0.0.2"), &listeners).ok());
 }
 
 TEST(Targets, PortZeroIsInvalid) {
@@ -209,7 +210,8 @@ TEST(Targets, ParseForward) {
 TEST(Targets, Describe) {
   EXPECT_EQ(TargetPolicy::describe(unix_target("docker")), "docker");
   EXPECT_EQ(TargetPolicy::describe(port_target(80)), "tcp:80");
-  EXPECT_EQ(TargetPolicy::describe(port_target(53, wire::Proto::Udp, wire::Family::Unspec, "::1")), "udp:::1:53");
+  EXPECT_EQ(TargetPolicy::describe(port_target(53, wire::Proto::Udp, wire::Family::Unspec, "::1")),
+            "udp:::1:53");
 }
 
 }  // namespace

@@ -49,7 +49,8 @@ Status clear_stale_unix_socket(const std::string& path) {
   sun.sun_family = AF_UNIX;
   std::memcpy(sun.sun_path, path.data(), path.size());
   if (connect(probe.get(), reinterpret_cast<sockaddr*>(&sun), sizeof(sun)) == 0 || errno == EAGAIN) {
-    return Error{ErrorCode::kConfig, EADDRINUSE, fmt::format("another process is listening on unix:{}", path)};
+    return Error{ErrorCode::kConfig, EADDRINUSE,
+                 fmt::format("another process is listening on unix:{}", path)};
   }
   if (unlink(path.c_str()) != 0 && errno != ENOENT) return io_error(errno, "unlink " + path);
   return {};
@@ -62,7 +63,8 @@ Result<int> listen_unix(const std::string& path) {
   sockaddr_un sun{};
   sun.sun_family = AF_UNIX;
   std::memcpy(sun.sun_path, path.data(), path.size());
-  if (bind(fd.get(), reinterpret_cast<sockaddr*>(&sun), sizeof(sun)) != 0) return io_error(errno, "bind unix:" + path);
+  if (bind(fd.get(), reinterpret_cast<sockaddr*>(&sun), sizeof(sun)) != 0)
+    return io_error(errno, "bind unix:" + path);
   if (listen(fd.get(), SOMAXCONN) != 0) return io_error(errno, "listen unix:" + path);
   return fd.release();
 }
@@ -145,8 +147,8 @@ Result<std::string> find_serial_port(std::string_view name, const SerialPaths& p
     }
   }
   return Error{ErrorCode::kConfig, ENOENT,
-               fmt::format("serial:{}: no virtio-serial port with that name ({} and {}/*/name have none)", name,
-                           link.string(), paths.sys_class)};
+               fmt::format("serial:{}: no virtio-serial port with that name ({} and {}/*/name have none)",
+                           name, link.string(), paths.sys_class)};
 }
 
 Result<TransportEndpoint> TransportEndpoint::open(const Address& address, const SerialPaths& paths) {
@@ -162,9 +164,10 @@ Result<TransportEndpoint> TransportEndpoint::open(const Address& address, const 
       fd = open_serial(address, paths);
       break;
     case Address::Kind::kHybridVsock:
-      return Error{ErrorCode::kConfig, EINVAL,
-                   fmt::format("{}: hybrid vsock is dialed by the host; inside the guest listen on vsock:PORT",
-                               address.to_string())};
+      return Error{
+          ErrorCode::kConfig, EINVAL,
+          fmt::format("{}: hybrid vsock is dialed by the host; inside the guest listen on vsock:PORT",
+                      address.to_string())};
   }
   if (!fd) return fd.error();
   TransportEndpoint endpoint(kind, *fd, bound);

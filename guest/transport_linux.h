@@ -59,7 +59,8 @@ class TransportEndpoint {
   static std::string describe_peer(const sockaddr_storage& peer, socklen_t length, int fd);
 
  private:
-  TransportEndpoint(TransportKind kind, int fd, Address address) : kind_(kind), fd_(fd), address_(std::move(address)) {}
+  TransportEndpoint(TransportKind kind, int fd, Address address)
+      : kind_(kind), fd_(fd), address_(std::move(address)) {}
 
   TransportKind kind_;
   int fd_ = -1;

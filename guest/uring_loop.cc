@@ -49,10 +49,11 @@ struct RequiredOp {
   const char* name;
 };
 constexpr RequiredOp kRequiredOps[] = {
-    {IORING_OP_ACCEPT, "ACCEPT"},   {IORING_OP_CONNECT, "CONNECT"},        {IORING_OP_RECV, "RECV"},
-    {IORING_OP_READ, "READ"},       {IORING_OP_SENDMSG, "SENDMSG"},        {IORING_OP_WRITEV, "WRITEV"},
-    {IORING_OP_TIMEOUT, "TIMEOUT"}, {IORING_OP_ASYNC_CANCEL, "ASYNC_CANCEL"}, {IORING_OP_SHUTDOWN, "SHUTDOWN"},
-    {IORING_OP_POLL_ADD, "POLL_ADD"},
+    {IORING_OP_ACCEPT, "ACCEPT"},     {IORING_OP_CONNECT, "CONNECT"},
+    {IORING_OP_RECV, "RECV"},         {IORING_OP_READ, "READ"},
+    {IORING_OP_SENDMSG, "SENDMSG"},   {IORING_OP_WRITEV, "WRITEV"},
+    {IORING_OP_TIMEOUT, "TIMEOUT"},   {IORING_OP_ASYNC_CANCEL, "ASYNC_CANCEL"},
+    {IORING_OP_SHUTDOWN, "SHUTDOWN"}, {IORING_OP_POLL_ADD, "POLL_ADD"},
 };
 
 }  // namespace
@@ -74,17 +75,19 @@ Result<std::unique_ptr<UringLoop>> UringLoop::create(unsigned entries) {
     loop->notes_.push_back(fmt::format("io_uring: kernel lacks {}", kOptionalFlags[dropped].what));
   }
   if (rc != 0) {
-    return Error{ErrorCode::kIo, -rc,
-                 fmt::format("io_uring_queue_init failed: {} (io_uring disabled by sysctl or seccomp, or kernel "
-                             "older than 5.11)",
-                             std::strerror(-rc))};
+    return Error{
+        ErrorCode::kIo, -rc,
+        fmt::format("io_uring_queue_init failed: {} (io_uring disabled by sysctl or seccomp, or kernel "
+                    "older than 5.11)",
+                    std::strerror(-rc))};
   }
   loop->alive_ = true;
   loop->probe_ = io_uring_get_probe_ring(&loop->ring_);
   for (const auto& op : kRequiredOps) {
     if (!loop->supports(op.opcode)) {
-      return Error{ErrorCode::kIo, ENOSYS,
-                   fmt::format("io_uring lacks IORING_OP_{}; the guest agent needs Linux 5.11 or newer", op.name)};
+      return Error{
+          ErrorCode::kIo, ENOSYS,
+          fmt::format("io_uring lacks IORING_OP_{}; the guest agent needs Linux 5.11 or newer", op.name)};
     }
   }
   return loop;

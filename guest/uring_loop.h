@@ -44,7 +44,8 @@ struct Tag {
 
   uint64_t pack() const { return uint64_t(op) << 56 | uint64_t(owner & kOwnerMask) << 32 | slot; }
   static Tag unpack(uint64_t v) {
-    return Tag{static_cast<Op>(v >> 56), static_cast<uint32_t>(v >> 32) & kOwnerMask, static_cast<uint32_t>(v)};
+    return Tag{static_cast<Op>(v >> 56), static_cast<uint32_t>(v >> 32) & kOwnerMask,
+               static_cast<uint32_t>(v)};
   }
   bool operator==(const Tag&) const = default;
 

@@ -49,7 +49,9 @@ class LoopTest : public ::testing::Test {
   void send_text(const std::string& text) {
     ASSERT_EQ(write(fds_[1], text.data(), text.size()), static_cast<ssize_t>(text.size()));
   }
-  static std::string text_of(const Slice& s) { return std::string(reinterpret_cast<const char*>(s.data()), s.size()); }
+  static std::string text_of(const Slice& s) {
+    return std::string(reinterpret_cast<const char*>(s.data()), s.size());
+  }
 
   BufferPool pool_{4096, 16};
   std::unique_ptr<UringLoop> loop_;
@@ -96,7 +98,7 @@ TEST_F(LoopTest, RingBuffersAreOwnedByTheSliceAfterCompletion) {
   send_text("hello world");
   const auto got = wait(1);
   Slice data = buffers.complete(got[0], hold);
-  EXPECT_EQ(text_of(data), "hello");  // the read length bound holds
+  EXPECT_EQ(text_of(data), "hello");    // the read length bound holds
   EXPECT_EQ(pool_.stats().in_use, 5u);  // the slot was refilled; the Slice keeps its buffer
   data.reset();
   EXPECT_EQ(pool_.stats().in_use, 4u);

@@ -30,18 +30,20 @@ Status Agent::start() {
     options.target.path = forward.guest_target;
     options.name = forward.guest_target;
     options.http_errors = forward.http_errors;
-    auto listener = Listener::listen(loop_, address, [this, options](UniqueFd client) {
-      accept_client(std::move(client), options);
-    });
+    auto listener = Listener::listen(
+        loop_, address, [this, options](UniqueFd client) { accept_client(std::move(client), options); });
     if (!listener) return listener.error();
     log::info("listening on {} for guest target {}", forward.host_path, forward.guest_target);
     listeners_.push_back(std::move(*listener));
   }
   exposed_ = std::make_unique<ExposedUnix>(loop_, client_arena_, config_.exposed_unix);
-  for (const auto& [name, path] : config_.exposed_unix) log::info("guest may open host socket {} as \"{}\"", path, name);
+  for (const auto& [name, path] : config_.exposed_unix)
+    log::info("guest may open host socket {} as \"{}\"", path, name);
   ports_ = std::make_unique<PortForwards>(
       loop_, pool_, config_.ports,
-      [this](UniqueFd client, BridgeOptions options) { accept_client(std::move(client), std::move(options)); },
+      [this](UniqueFd client, BridgeOptions options) {
+        accept_client(std::move(client), std::move(options));
+      },
       [this]() -> Session* { return ready_ ? session_.get() : nullptr; });
   for (const StaticPortForward& f : config_.static_ports) {
     if (Status st = ports_->add_static(f.proto, f.host_address, f.host_port, f.guest_port); !st) return st;
@@ -62,7 +64,8 @@ Status Agent::start() {
     if (!listener) return listener.error();
     listeners_.push_back(std::move(*listener));
   }
-  uv_timer_start(&tick_timer_, [](uv_timer_t* t) { static_cast<Agent*>(t->data)->on_tick(); }, 100, 100);
+  uv_timer_start(
+      &tick_timer_, [](uv_timer_t* t) { static_cast<Agent*>(t->data)->on_tick(); }, 100, 100);
   dial();
   return {};
 }
@@ -110,7 +113,8 @@ void Agent::dial() {
 
 void Agent::schedule_dial() {
   backoff_ms_ = backoff_ms_ == 0 ? 20 : std::min(backoff_ms_ * 2, config_.max_backoff_ms);
-  uv_timer_start(&dial_timer_, [](uv_timer_t* t) { static_cast<Agent*>(t->data)->dial(); }, backoff_ms_, 0);
+  uv_timer_start(
+      &dial_timer_, [](uv_timer_t* t) { static_cast<Agent*>(t->data)->dial(); }, backoff_ms_, 0);
 }
 
 void Agent::on_session_ready(const Hello& peer) {
@@ -148,8 +152,7 @@ void Agent::on_control(const wire::Control& message) {
     case wire::Message::Ports:
       if (ports_) ports_->apply(*message.message_as_Ports());
       break;
-    default:
-      log::debug("control message {} from the guest", wire::EnumNameMessage(message.message_type()));
+    default: log::debug("control message {} from the guest", wire::EnumNameMessage(message.message_type()));
   }
 }
 
@@ -164,7 +167,8 @@ StreamSink* Agent::on_stream_open(Session& session, StreamId id, const wire::Tar
 void Agent::accept_client(UniqueFd client, BridgeOptions options) {
   if (stopping_) return;
   ++counters_.clients_accepted;
-  auto bridge = std::make_unique<SocketBridge>(loop_, std::move(client), client_arena_, *this, std::move(options));
+  auto bridge =
+      std::make_unique<SocketBridge>(loop_, std::move(client), client_arena_, *this, std::move(options));
   SocketBridge* raw = bridge.get();
   bridges_.emplace(raw, std::move(bridge));
   if (ready_ && session_) {
@@ -212,9 +216,10 @@ void Agent::on_tick() {
     ++counters_.clients_failed;
     SocketBridge* b = pending_.front().bridge;
     pending_.pop_front();
-    b->fail_open(Error{ErrorCode::kIo, 0,
-                       fmt::format("guest agent at {} is not connected ({}); is the VM running?",
-                                   config_.transport.to_string(), last_error_.empty() ? "handshake pending" : last_error_)});
+    b->fail_open(Error{
+        ErrorCode::kIo, 0,
+        fmt::format("guest agent at {} is not connected ({}); is the VM running?",
+                    config_.transport.to_string(), last_error_.empty() ? "handshake pending" : last_error_)});
   }
   if (session_ && ready_ && now - last_ping_ >= std::chrono::milliseconds(config_.keepalive_ms)) {
     if (session_->pings_unanswered() >= 3) {
@@ -262,7 +267,8 @@ std::string Agent::status_json() const {
                 {"frames_in", c.frames_in},
                 {"frames_out", c.frames_out}};
   }
-  j["buffers"] = {{"live", pool_.stats().live}, {"in_use", pool_.stats().in_use}, {"bytes", pool_.stats().bytes_live}};
+  j["buffers"] = {
+      {"live", pool_.stats().live}, {"in_use", pool_.stats().in_use}, {"bytes", pool_.stats().bytes_live}};
   nlohmann::json forwards = nlohmann::json::array();
   for (const UnixForward& f : config_.unix_forwards) {
     forwards.push_back({{"host", f.host_path}, {"guest", f.guest_target}});
@@ -271,11 +277,16 @@ std::string Agent::status_json() const {
   j["ports"] = ports_ ? ports_->status() : nlohmann::json::array();
   if (watcher_) {
     const file_watch::WatcherCounters c = watcher_->counters();
-    j["file_events"] = {{"shares", config_.shares.size()},  {"watches", c.watches},
-                        {"raw_events", c.raw_events},       {"batches", c.batches},
-                        {"changes", c.changes},             {"echoes_suppressed", c.echoes_suppressed},
-                        {"overflows", c.overflows},         {"watch_errors", c.watch_errors},
-                        {"pending_paths", c.pending_paths}, {"last_error", watcher_->last_error()}};
+    j["file_events"] = {{"shares", config_.shares.size()},
+                        {"watches", c.watches},
+                        {"raw_events", c.raw_events},
+                        {"batches", c.batches},
+                        {"changes", c.changes},
+                        {"echoes_suppressed", c.echoes_suppressed},
+                        {"overflows", c.overflows},
+                        {"watch_errors", c.watch_errors},
+                        {"pending_paths", c.pending_paths},
+                        {"last_error", watcher_->last_error()}};
   }
   if (exposed_) j["exposed"] = exposed_->status();
   return j.dump();

@@ -44,12 +44,12 @@ struct AgentConfig {
   std::string instance = "default";
   std::string status_path;
   std::vector<UnixForward> unix_forwards;
-  std::vector<file_watch::Share> shares;  // host folders whose changes are replayed in the guest
+  std::vector<file_watch::Share> shares;            // host folders whose changes are replayed in the guest
   std::map<std::string, std::string> exposed_unix;  // NAME → host socket path the guest may open
   MuxConfig mux;
   int connect_timeout_ms = 2000;
-  int pending_timeout_ms = 5000;   // how long a client waits for the transport before an error
-  int keepalive_ms = 5000;         // PING period; 3 unanswered pings mean the guest is gone
+  int pending_timeout_ms = 5000;  // how long a client waits for the transport before an error
+  int keepalive_ms = 5000;        // PING period; 3 unanswered pings mean the guest is gone
   int max_backoff_ms = 500;
 };
 

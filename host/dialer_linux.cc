@@ -1,5 +1,6 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <linux/vm_sockets.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -10,8 +11,6 @@
 
 #include <cstring>
 #include <string>
-
-#include <fmt/format.h>
 
 #include "host/dialer.h"
 
@@ -26,7 +25,8 @@ Status wait_for(int fd, short events, int timeout_ms, const std::string& what) {
   return {};
 }
 
-Result<UniqueFd> connect_socket(int family, const sockaddr* sa, socklen_t len, int timeout_ms, const std::string& what) {
+Result<UniqueFd> connect_socket(int family, const sockaddr* sa, socklen_t len, int timeout_ms,
+                                const std::string& what) {
   UniqueFd fd(::socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
   if (!fd.valid()) return errno_error(what);
   if (::connect(fd.get(), sa, len) != 0) {
@@ -99,14 +99,16 @@ Result<UniqueFd> dial_hybrid_vsock(const std::string& path, uint32_t port, int t
       line += c;
       continue;
     }
-    if (n == 0) return Error{ErrorCode::kIo, ECONNRESET, fmt::format("{} closed during CONNECT {}", path, port)};
+    if (n == 0)
+      return Error{ErrorCode::kIo, ECONNRESET, fmt::format("{} closed during CONNECT {}", path, port)};
     if (errno != EAGAIN) return errno_error("hybrid vsock read from " + path);
-    if (Status st = wait_for(fd->get(), POLLIN, timeout_ms, "hybrid vsock answer from " + path); !st) return st.error();
+    if (Status st = wait_for(fd->get(), POLLIN, timeout_ms, "hybrid vsock answer from " + path); !st)
+      return st.error();
   }
   if (line.rfind("OK", 0) != 0) {
     return Error{ErrorCode::kIo, ECONNREFUSED,
-                 fmt::format("{} answered \"{}\" to CONNECT {}; is the guest agent listening on that port?", path,
-                             line, port)};
+                 fmt::format("{} answered \"{}\" to CONNECT {}; is the guest agent listening on that port?",
+                             path, line, port)};
   }
   return fd;
 }

@@ -1,14 +1,13 @@
 #include "host/docker_context.h"
 
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <string>
 #include <vector>
-
-#include <fmt/format.h>
 
 extern char** environ;
 
@@ -40,12 +39,13 @@ Status ensure_docker_context(const std::string& name, const std::string& socket_
   const int created = run_quiet({"docker", "context", "create", name, "--docker", endpoint});
   if (created == 0) return {};
   if (created < 0) {
-    return Error{ErrorCode::kConfig, 0, "docker CLI not found on PATH; use DOCKER_HOST=unix://" + socket_path};
+    return Error{ErrorCode::kConfig, 0,
+                 "docker CLI not found on PATH; use DOCKER_HOST=unix://" + socket_path};
   }
   if (run_quiet({"docker", "context", "update", name, "--docker", endpoint}) == 0) return {};
   return Error{ErrorCode::kConfig, 0,
-               fmt::format("docker context {} could not be created or updated; use DOCKER_HOST=unix://{}", name,
-                           socket_path)};
+               fmt::format("docker context {} could not be created or updated; use DOCKER_HOST=unix://{}",
+                           name, socket_path)};
 }
 
 }  // namespace vbridge

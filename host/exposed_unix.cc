@@ -1,5 +1,6 @@
 #include "host/exposed_unix.h"
 
+#include <fmt/format.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <sys/un.h>
@@ -7,8 +8,6 @@
 
 #include <cstring>
 #include <deque>
-
-#include <fmt/format.h>
 
 #include "host/poller.h"
 #include "protocol/log.h"
@@ -18,11 +17,13 @@ namespace vbridge {
 Result<std::pair<std::string, std::string>> parse_expose_unix(std::string_view text) {
   const size_t eq = text.find('=');
   if (eq == std::string_view::npos || eq == 0 || eq + 1 == text.size() || text[eq + 1] != '/') {
-    return Error{ErrorCode::kConfig, EINVAL, fmt::format("--expose-unix \"{}\": expected NAME=/host/path.sock", text)};
+    return Error{ErrorCode::kConfig, EINVAL,
+                 fmt::format("--expose-unix \"{}\": expected NAME=/host/path.sock", text)};
   }
   std::string path(text.substr(eq + 1));
   if (path.size() >= sizeof(sockaddr_un::sun_path)) {
-    return Error{ErrorCode::kConfig, ENAMETOOLONG, fmt::format("--expose-unix: {} is longer than 107 bytes", path)};
+    return Error{ErrorCode::kConfig, ENAMETOOLONG,
+                 fmt::format("--expose-unix: {} is longer than 107 bytes", path)};
   }
   return std::pair{std::string(text.substr(0, eq)), std::move(path)};
 }
@@ -55,7 +56,8 @@ class ExposedUnix::Conn final : public StreamSink {
   }
   void on_reset(const Error& error) override {
     stream_live_ = false;
-    if (!socket_eof_ || !peer_fin_) log::at(log::Level::kInfo, id_, "{} stream ended: {}", name_, error.to_string());
+    if (!socket_eof_ || !peer_fin_)
+      log::at(log::Level::kInfo, id_, "{} stream ended: {}", name_, error.to_string());
     to_socket_.clear();
     finish();
   }
@@ -206,9 +208,10 @@ StreamSink* ExposedUnix::open(Session& session, StreamId id, const wire::Target&
   }
   const auto it = names_.find(name);
   if (it == names_.end()) {
-    return refuse(EACCES, fmt::format("host target \"{}\" is not exposed; start vbridge-host with --expose-unix "
-                                      "{}=/path/to.sock to allow it",
-                                      name, name));
+    return refuse(EACCES,
+                  fmt::format("host target \"{}\" is not exposed; start vbridge-host with --expose-unix "
+                              "{}=/path/to.sock to allow it",
+                              name, name));
   }
   const std::string& path = it->second;
   UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));

@@ -1,6 +1,7 @@
 #include "host/listener.h"
 
 #include <arpa/inet.h>
+#include <fmt/format.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
@@ -9,8 +10,6 @@
 #include <unistd.h>
 
 #include <cstring>
-
-#include <fmt/format.h>
 
 #include "protocol/log.h"
 
@@ -30,12 +29,14 @@ Result<UniqueFd> listen_unix(const std::string& path) {
   struct stat st {};
   if (::lstat(path.c_str(), &st) == 0) {
     if (!S_ISSOCK(st.st_mode)) {
-      return Error{ErrorCode::kConfig, 0, fmt::format("{} exists and is not a socket; remove it or pick another path", path)};
+      return Error{ErrorCode::kConfig, 0,
+                   fmt::format("{} exists and is not a socket; remove it or pick another path", path)};
     }
     UniqueFd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
     if (::connect(probe.get(), reinterpret_cast<sockaddr*>(&sa), sizeof sa) == 0) {
-      return Error{ErrorCode::kConfig, EADDRINUSE,
-                   fmt::format("{} is in use by another running process; stop it or pick another path", path)};
+      return Error{
+          ErrorCode::kConfig, EADDRINUSE,
+          fmt::format("{} is in use by another running process; stop it or pick another path", path)};
     }
     ::unlink(path.c_str());
   }
@@ -83,7 +84,8 @@ Result<UniqueFd> listen_tcp(const std::string& host, uint32_t port) {
 
 }  // namespace
 
-Result<std::unique_ptr<Listener>> Listener::listen(uv_loop_t* loop, const Address& address, AcceptFn on_accept) {
+Result<std::unique_ptr<Listener>> Listener::listen(uv_loop_t* loop, const Address& address,
+                                                   AcceptFn on_accept) {
   Result<UniqueFd> fd = Error{ErrorCode::kConfig, 0, "unsupported listen address " + address.to_string()};
   if (address.kind == Address::Kind::kUnix) fd = listen_unix(address.path);
   if (address.kind == Address::Kind::kTcp) fd = listen_tcp(address.path, address.port);
@@ -104,7 +106,8 @@ Listener::~Listener() {
 
 void Listener::accept_all() {
   for (int i = 0; i < 64; ++i) {
-    UniqueFd client(retry_eintr([&] { return ::accept4(poller_.fd(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC); }));
+    UniqueFd client(
+        retry_eintr([&] { return ::accept4(poller_.fd(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC); }));
     if (!client.valid()) {
       if (errno != EAGAIN) log::warn("accept on {} failed: {}", address_.to_string(), std::strerror(errno));
       return;

@@ -15,7 +15,8 @@ class Listener {
   using AcceptFn = std::function<void(UniqueFd client)>;
 
   // Binds and listens. A stale unix socket (nobody accepting) is replaced; a live one is an error.
-  static Result<std::unique_ptr<Listener>> listen(uv_loop_t* loop, const Address& address, AcceptFn on_accept);
+  static Result<std::unique_ptr<Listener>> listen(uv_loop_t* loop, const Address& address,
+                                                  AcceptFn on_accept);
   ~Listener();
 
   const Address& address() const { return address_; }

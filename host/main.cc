@@ -36,7 +36,8 @@ vbridge::Result<vbridge::StaticPortForward> parse_publish(std::string text) {
     text.resize(text.size() - 4);
   }
   const size_t last = text.rfind(':');
-  if (last == std::string::npos) return Error{ErrorCode::kConfig, 0, "expected [HOSTADDR:]HOSTPORT:GUESTPORT[/udp]"};
+  if (last == std::string::npos)
+    return Error{ErrorCode::kConfig, 0, "expected [HOSTADDR:]HOSTPORT:GUESTPORT[/udp]"};
   const size_t mid = text.rfind(':', last - 1);
   std::string host_port = text.substr(0, last);
   if (mid != std::string::npos && last > 0) {
@@ -84,17 +85,19 @@ int main(int argc, char** argv) {
   bool no_follow_ports = false;
   int udp_idle_s = 60;
 
-  app.add_option("-t,--transport", transport,
-                 "Where the guest agent listens: unix:/path, tcp:HOST:PORT, vsock:CID:PORT, or hvsock:/path:PORT "
-                 "(Firecracker/cloud-hypervisor hybrid vsock; with QEMU virtio-serial, the chardev socket as "
-                 "unix:/path)")
+  app.add_option(
+         "-t,--transport", transport,
+         "Where the guest agent listens: unix:/path, tcp:HOST:PORT, vsock:CID:PORT, or hvsock:/path:PORT "
+         "(Firecracker/cloud-hypervisor hybrid vsock; with QEMU virtio-serial, the chardev socket as "
+         "unix:/path)")
       ->required();
   app.add_option("-i,--instance", instance, "Instance name; keeps several VMs' sockets apart")
       ->capture_default_str();
   app.add_option("--runtime-dir", runtime_dir,
                  "Directory for this instance's sockets (default $XDG_RUNTIME_DIR/vbridge/INSTANCE, "
                  "/run/vbridge/INSTANCE as root)");
-  app.add_option("--docker-sock", docker_sock, "Host path of the bridged Docker socket (default RUNTIME_DIR/docker.sock)");
+  app.add_option("--docker-sock", docker_sock,
+                 "Host path of the bridged Docker socket (default RUNTIME_DIR/docker.sock)");
   app.add_option("--docker-target", docker_target,
                  "Guest target of the Docker socket: a name the guest agent maps, or an absolute guest path")
       ->capture_default_str();
@@ -102,34 +105,43 @@ int main(int argc, char** argv) {
   app.add_option("--docker-context", docker_context,
                  "Name of the docker CLI context to create (default vbridge, or vbridge-INSTANCE)");
   app.add_flag("--no-docker-context", no_docker_context, "Do not create a docker CLI context");
-  app.add_option("-L,--forward-unix", forwards,
-                 "Extra unix socket forward HOST_PATH=GUEST_TARGET (repeatable); GUEST_TARGET is a name the guest "
-                 "agent maps or an absolute guest path it allows");
-  app.add_option("--expose-unix", exposed,
-                 "Let the guest reach a host unix socket: NAME=/host/path.sock (repeatable). The guest agent's "
-                 "--reverse-unix /guest/path.sock=NAME carries its clients here; other names are refused");
-  app.add_option("-p,--publish", publish,
-                 "Static port forward [HOSTADDR:]HOSTPORT:GUESTPORT[/udp] (repeatable), kept whatever the guest "
-                 "listens on");
+  app.add_option(
+      "-L,--forward-unix", forwards,
+      "Extra unix socket forward HOST_PATH=GUEST_TARGET (repeatable); GUEST_TARGET is a name the guest "
+      "agent maps or an absolute guest path it allows");
+  app.add_option(
+      "--expose-unix", exposed,
+      "Let the guest reach a host unix socket: NAME=/host/path.sock (repeatable). The guest agent's "
+      "--reverse-unix /guest/path.sock=NAME carries its clients here; other names are refused");
+  app.add_option(
+      "-p,--publish", publish,
+      "Static port forward [HOSTADDR:]HOSTPORT:GUESTPORT[/udp] (repeatable), kept whatever the guest "
+      "listens on");
   app.add_option("--port-map", port_maps,
                  "Bind guest port GUEST on host port HOST when following the guest: GUEST=HOST (repeatable)");
   app.add_option("--bind-address", bind_v4, "IPv4 address followed ports bind on")->capture_default_str();
   app.add_option("--bind-address6", bind_v6, "IPv6 address followed ports bind on")->capture_default_str();
   app.add_flag("--no-follow-ports", no_follow_ports, "Do not forward the ports the guest listens on");
   app.add_option("--udp-idle-seconds", udp_idle_s, "End a UDP flow after this long without traffic")
-      ->capture_default_str()->check(CLI::Range(1, 86400));
-  app.add_option("--status-sock", status_sock, "Status socket answering one JSON document per connection "
-                                               "(default RUNTIME_DIR/status.sock)");
-  app.add_option("--window-kib", window_kib, "Per-stream receive window in KiB")->capture_default_str()
+      ->capture_default_str()
+      ->check(CLI::Range(1, 86400));
+  app.add_option("--status-sock", status_sock,
+                 "Status socket answering one JSON document per connection "
+                 "(default RUNTIME_DIR/status.sock)");
+  app.add_option("--window-kib", window_kib, "Per-stream receive window in KiB")
+      ->capture_default_str()
       ->check(CLI::Range(64u, 1024u * 1024u));
-  app.add_option("--share", shares,
-                 "Replay changes under HOST_DIR as inotify events in the guest: NAME=HOST_DIR (repeatable); the guest "
-                 "agent maps NAME to its mount of the folder with its own --share NAME=GUEST_PATH");
-  app.add_flag("--serial-chardev", serial_chardev,
-               "The transport is a VMM's virtio-serial chardev socket (QEMU): the byte pipe outlives both agents, "
-               "so skip a restarted guest's stale bytes until its HELLO instead of failing");
+  app.add_option(
+      "--share", shares,
+      "Replay changes under HOST_DIR as inotify events in the guest: NAME=HOST_DIR (repeatable); the guest "
+      "agent maps NAME to its mount of the folder with its own --share NAME=GUEST_PATH");
+  app.add_flag(
+      "--serial-chardev", serial_chardev,
+      "The transport is a VMM's virtio-serial chardev socket (QEMU): the byte pipe outlives both agents, "
+      "so skip a restarted guest's stale bytes until its HELLO instead of failing");
   app.add_option("--keepalive-ms", keepalive_ms, "PING period; three missed answers drop the transport")
-      ->capture_default_str()->check(CLI::Range(100, 600000));
+      ->capture_default_str()
+      ->check(CLI::Range(100, 600000));
   app.add_option("--log-level", log_level, "debug, info, warn or error")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
@@ -206,8 +218,8 @@ int main(int argc, char** argv) {
   for (const std::string& m : port_maps) {
     unsigned guest = 0, host = 0;
     char tail = 0;
-    if (std::sscanf(m.c_str(), "%u=%u%c", &guest, &host, &tail) != 2 || guest == 0 || host == 0 || guest > 65535 ||
-        host > 65535) {
+    if (std::sscanf(m.c_str(), "%u=%u%c", &guest, &host, &tail) != 2 || guest == 0 || host == 0 ||
+        guest > 65535 || host > 65535) {
       log::error("bad --port-map \"{}\": expected GUESTPORT=HOSTPORT, e.g. 80=8080", m);
       return 2;
     }
@@ -223,8 +235,8 @@ int main(int argc, char** argv) {
   }
 
   std::signal(SIGPIPE, SIG_IGN);
-  // Every forwarded port and every connection holds descriptors, and a guest may listen on thousands of ports:
-  // the soft limit (often 1024) is raised to the hard one.
+  // Every forwarded port and every connection holds descriptors, and a guest may listen on thousands of
+  // ports: the soft limit (often 1024) is raised to the hard one.
   if (rlimit rl{}; ::getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
     rl.rlim_cur = rl.rlim_max;
     ::setrlimit(RLIMIT_NOFILE, &rl);
@@ -242,7 +254,8 @@ int main(int argc, char** argv) {
       if (Status st = ensure_docker_context(docker_context, docker_sock); !st) {
         log::warn("{}", st.error().message);
       } else {
-        log::info("docker context {} points at the bridge: docker --context {} ps", docker_context, docker_context);
+        log::info("docker context {} points at the bridge: docker --context {} ps", docker_context,
+                  docker_context);
       }
     }
     log::info("DOCKER_HOST=unix://{}", docker_sock);

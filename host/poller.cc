@@ -12,7 +12,8 @@ struct HandleBox {
 };
 }  // namespace
 
-Poller::Poller(uv_loop_t* loop, UniqueFd fd, Callback callback) : fd_(std::move(fd)), callback_(std::move(callback)) {
+Poller::Poller(uv_loop_t* loop, UniqueFd fd, Callback callback)
+    : fd_(std::move(fd)), callback_(std::move(callback)) {
   auto* box = new HandleBox{};
   box->owner = this;
   handle_ = &box->handle;

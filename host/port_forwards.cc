@@ -17,7 +17,9 @@ std::string endpoint(const std::string& address, uint16_t port) {
                                                 : fmt::format("{}:{}", address, port);
 }
 
-bool is_wildcard(const std::string& address) { return address.empty() || address == "0.0.0.0" || address == "::"; }
+bool is_wildcard(const std::string& address) {
+  return address.empty() || address == "0.0.0.0" || address == "::";
+}
 
 // How long the ports a snapshot lacks survive, waiting for the snapshot's later parts.
 constexpr auto kSnapshotGrace = std::chrono::milliseconds(50);
@@ -27,7 +29,11 @@ constexpr auto kBindRetry = std::chrono::seconds(2);
 
 PortForwards::PortForwards(uv_loop_t* loop, BufferPool& pool, PortForwardConfig config, AcceptFn accept,
                            UdpForward::SessionFn session)
-    : loop_(loop), pool_(pool), config_(std::move(config)), accept_(std::move(accept)), session_(std::move(session)) {
+    : loop_(loop),
+      pool_(pool),
+      config_(std::move(config)),
+      accept_(std::move(accept)),
+      session_(std::move(session)) {
   // Without IPv6 (or IPv4) on the host, its loopback is left out instead of failing every port there.
   const auto usable = [](const std::string& address) {
     auto fd = bind_udp(address, 0);
@@ -48,7 +54,8 @@ void PortForwards::apply(const wire::Ports& ports) {
   if (!config_.follow_guest) return;
   std::set<GuestPort> removed, added;
   const auto read = [](const wire::Listener* l) {
-    return GuestPort{l->proto(), l->family(), l->address() != nullptr ? l->address()->str() : std::string(), l->port()};
+    return GuestPort{l->proto(), l->family(), l->address() != nullptr ? l->address()->str() : std::string(),
+                     l->port()};
   };
   if (ports.added() != nullptr) {
     for (const auto* l : *ports.added()) added.insert(read(l));
@@ -93,14 +100,16 @@ wire::TargetT PortForwards::target_for(const GuestPort& port) const {
   target.family = port.family;
   target.port = port.port;
   // A wildcard listener is reached on the guest's loopback; a specific address is dialled as is.
-  target.host = is_wildcard(port.address) ? (port.family == wire::Family::Inet6 ? "::1" : "127.0.0.1") : port.address;
+  target.host =
+      is_wildcard(port.address) ? (port.family == wire::Family::Inet6 ? "::1" : "127.0.0.1") : port.address;
   return target;
 }
 
 void PortForwards::choose_target(HostBinding& b) {
   // Of the guest listeners behind one host socket (0.0.0.0 and :: on one port, say), the one of the host
   // socket's own family is dialled, so [::1]:80 reaches the guest's IPv6 server when there is one.
-  const wire::Family family = b.host_address.find(':') != std::string::npos ? wire::Family::Inet6 : wire::Family::Inet4;
+  const wire::Family family =
+      b.host_address.find(':') != std::string::npos ? wire::Family::Inet6 : wire::Family::Inet4;
   const GuestPort* chosen = nullptr;
   for (const GuestPort& p : guest_ports_) {
     if (p.proto != b.proto || host_port(p) != b.host_port) continue;
@@ -183,7 +192,8 @@ void PortForwards::bind(HostBinding& b, bool retry) {
   } else {
     auto fd = bind_udp(b.host_address, b.host_port);
     if (fd) {
-      b.udp = std::make_unique<UdpForward>(loop_, std::move(*fd), b.target, pool_, session_, config_.udp_idle_timeout);
+      b.udp = std::make_unique<UdpForward>(loop_, std::move(*fd), b.target, pool_, session_,
+                                           config_.udp_idle_timeout);
     } else {
       result = fd.error();
     }
@@ -195,10 +205,12 @@ void PortForwards::bind(HostBinding& b, bool retry) {
   }
   const int err = result.error().errno_value;
   std::string hint;
-  if (err == EACCES) hint = fmt::format("; ports below 1024 need root or a remap (--port-map {}=HOSTPORT)", b.host_port);
-  if (err == EADDRINUSE) hint = fmt::format("; another host program uses it (remap with --port-map {}=HOSTPORT)", b.host_port);
-  std::string error = fmt::format("cannot bind host {}: {}{}",
-                                  where, err != 0 ? std::strerror(err) : result.error().message.c_str(), hint);
+  if (err == EACCES)
+    hint = fmt::format("; ports below 1024 need root or a remap (--port-map {}=HOSTPORT)", b.host_port);
+  if (err == EADDRINUSE)
+    hint = fmt::format("; another host program uses it (remap with --port-map {}=HOSTPORT)", b.host_port);
+  std::string error = fmt::format("cannot bind host {}: {}{}", where,
+                                  err != 0 ? std::strerror(err) : result.error().message.c_str(), hint);
   b.retry_at = Clock::now() + kBindRetry;
   if (retry && error == b.error) return;
   b.error = std::move(error);
@@ -236,8 +248,11 @@ nlohmann::json PortForwards::status() const {
     if (!b.error.empty()) j["error"] = b.error;
     if (b.udp) {
       const UdpCounters& c = b.udp->counters();
-      j["udp"] = {{"flows", b.udp->flow_count()}, {"in", c.datagrams_in},       {"out", c.datagrams_out},
-                  {"dropped", c.dropped},          {"refused", c.flows_refused}};
+      j["udp"] = {{"flows", b.udp->flow_count()},
+                  {"in", c.datagrams_in},
+                  {"out", c.datagrams_out},
+                  {"dropped", c.dropped},
+                  {"refused", c.flows_refused}};
     }
     out.push_back(std::move(j));
   }

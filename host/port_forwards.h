@@ -1,7 +1,8 @@
 // Host ports that follow what the guest listens on. PORTS diffs from the guest agent add and remove
 // forwards; each guest listener is bound on both host loopbacks (127.0.0.1 and ::1, configurable), remapped
-// where configured, and dialled in the guest at its own address (its family's loopback for a wildcard). A port the host cannot bind is kept in the table
-// with the reason, logged once, shown in status, and bound later if it becomes free.
+// where configured, and dialled in the guest at its own address (its family's loopback for a wildcard). A
+// port the host cannot bind is kept in the table with the reason, logged once, shown in status, and bound
+// later if it becomes free.
 //
 // A snapshot (`full`) replaces what the host knew. A large one arrives in parts of which only the first is
 // marked full, so the ports a snapshot lacks are removed after a short grace in which a following part may
@@ -26,7 +27,7 @@
 namespace vbridge {
 
 struct PortForwardConfig {
-  bool follow_guest = true;            // forward whatever the guest listens on
+  bool follow_guest = true;  // forward whatever the guest listens on
   std::string bind_v4 = "127.0.0.1";
   std::string bind_v6 = "::1";
   std::map<uint16_t, uint16_t> remap;  // guest port -> host port
@@ -54,7 +55,8 @@ class PortForwards {
   void apply(const wire::Ports& ports);
   // Time passes (called every ~100 ms): expires UDP flows, ends a snapshot's grace, retries failed binds.
   // Adds a forward from configuration (host port -> guest port); never removed by PORTS.
-  Status add_static(wire::Proto proto, const std::string& host_address, uint16_t host_port, uint16_t guest_port);
+  Status add_static(wire::Proto proto, const std::string& host_address, uint16_t host_port,
+                    uint16_t guest_port);
   void tick();
   nlohmann::json status() const;
   size_t active() const;

@@ -174,9 +174,7 @@ void Session::on_closed(StreamId id) {
 
 void Session::on_control(const wire::Control& message) { observer_.on_control(message); }
 
-void Session::on_goaway(const std::string& message) {
-  log::info("guest agent is going away: {}", message);
-}
+void Session::on_goaway(const std::string& message) { log::info("guest agent is going away: {}", message); }
 
 void Session::on_pong(uint64_t token) { last_pong_ = token; }
 

@@ -1,12 +1,11 @@
 #include "host/socket_bridge.h"
 
+#include <fmt/format.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
 #include <cstring>
-
-#include <fmt/format.h>
 
 #include "protocol/log.h"
 
@@ -85,7 +84,8 @@ void SocketBridge::on_fin() {
 
 void SocketBridge::on_reset(const Error& error) {
   stream_live_ = false;
-  if (!client_eof_ || !peer_fin_) log::at(log::Level::kInfo, id_, "{} stream ended: {}", options_.name, error.to_string());
+  if (!client_eof_ || !peer_fin_)
+    log::at(log::Level::kInfo, id_, "{} stream ended: {}", options_.name, error.to_string());
   to_client_.clear();
   finish();
 }
@@ -188,8 +188,8 @@ void SocketBridge::write_client() {
 
 void SocketBridge::update_interest() {
   if (done_) return;
-  const bool want_read = draining_error_ ||
-                         (stream_live_ && !client_eof_ && session_->mux().send_capacity(id_) > 0);
+  const bool want_read =
+      draining_error_ || (stream_live_ && !client_eof_ && session_->mux().send_capacity(id_) > 0);
   poller_.want(want_read, !to_client_.empty());
 }
 

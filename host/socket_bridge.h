@@ -22,8 +22,8 @@ class BridgeOwner {
 
 struct BridgeOptions {
   wire::TargetT target;
-  std::string name;         // for logs and errors, e.g. "docker"
-  bool http_errors = false; // answer a failed open with an HTTP error the client can show
+  std::string name;          // for logs and errors, e.g. "docker"
+  bool http_errors = false;  // answer a failed open with an HTTP error the client can show
 };
 
 class SocketBridge final : public StreamSink {
@@ -60,12 +60,12 @@ class SocketBridge final : public StreamSink {
   Poller poller_;
   Session* session_ = nullptr;
   StreamId id_ = 0;
-  std::deque<Slice> to_client_;     // stream bytes waiting for the client socket
-  bool stream_live_ = false;        // the stream exists in the mux
-  bool client_eof_ = false;         // the client half-closed (we sent FIN)
-  bool peer_fin_ = false;           // the guest side half-closed
-  bool client_shut_ = false;        // we shut down the client socket's write side
-  bool draining_error_ = false;     // an error answer is being written; discard client input
+  std::deque<Slice> to_client_;  // stream bytes waiting for the client socket
+  bool stream_live_ = false;     // the stream exists in the mux
+  bool client_eof_ = false;      // the client half-closed (we sent FIN)
+  bool peer_fin_ = false;        // the guest side half-closed
+  bool client_shut_ = false;     // we shut down the client socket's write side
+  bool draining_error_ = false;  // an error answer is being written; discard client input
   bool done_ = false;
 };
 

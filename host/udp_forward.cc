@@ -1,11 +1,10 @@
 #include "host/udp_forward.h"
 
 #include <arpa/inet.h>
+#include <fmt/format.h>
 #include <sys/socket.h>
 
 #include <cstring>
-
-#include <fmt/format.h>
 
 #include "protocol/log.h"
 
@@ -92,8 +91,8 @@ class UdpForward::Flow final : public StreamSink {
   Clock::time_point last_active_ = Clock::now();
 };
 
-UdpForward::UdpForward(uv_loop_t* loop, UniqueFd socket, wire::TargetT target, BufferPool& pool, SessionFn session,
-                       std::chrono::milliseconds idle_timeout)
+UdpForward::UdpForward(uv_loop_t* loop, UniqueFd socket, wire::TargetT target, BufferPool& pool,
+                       SessionFn session, std::chrono::milliseconds idle_timeout)
     : poller_(loop, std::move(socket), [this](int, int) { on_readable(); }),
       target_(std::move(target)),
       pool_(pool),
@@ -151,8 +150,8 @@ void UdpForward::on_readable() {
 }
 
 void UdpForward::reply(const sockaddr_storage& to, socklen_t len, const Slice& datagram) {
-  if (::sendto(poller_.fd(), datagram.data(), datagram.size(), MSG_DONTWAIT, reinterpret_cast<const sockaddr*>(&to),
-               len) < 0) {
+  if (::sendto(poller_.fd(), datagram.data(), datagram.size(), MSG_DONTWAIT,
+               reinterpret_cast<const sockaddr*>(&to), len) < 0) {
     ++counters_.dropped;
     return;
   }
@@ -188,14 +187,16 @@ Result<UniqueFd> bind_udp(const std::string& host, uint16_t port) {
     auto* sa = reinterpret_cast<sockaddr_in6*>(&ss);
     sa->sin6_family = AF_INET6;
     sa->sin6_port = htons(port);
-    if (inet_pton(AF_INET6, host.c_str(), &sa->sin6_addr) != 1) return Error{ErrorCode::kConfig, 0, "bad address " + host};
+    if (inet_pton(AF_INET6, host.c_str(), &sa->sin6_addr) != 1)
+      return Error{ErrorCode::kConfig, 0, "bad address " + host};
     family = AF_INET6;
     len = sizeof *sa;
   } else {
     auto* sa = reinterpret_cast<sockaddr_in*>(&ss);
     sa->sin_family = AF_INET;
     sa->sin_port = htons(port);
-    if (inet_pton(AF_INET, host.c_str(), &sa->sin_addr) != 1) return Error{ErrorCode::kConfig, 0, "bad address " + host};
+    if (inet_pton(AF_INET, host.c_str(), &sa->sin_addr) != 1)
+      return Error{ErrorCode::kConfig, 0, "bad address " + host};
     family = AF_INET;
     len = sizeof *sa;
   }

@@ -20,7 +20,8 @@
 namespace vbridge {
 
 struct UdpCounters {
-  uint64_t datagrams_in = 0, datagrams_out = 0, dropped = 0, flows_opened = 0, flows_expired = 0, flows_refused = 0;
+  uint64_t datagrams_in = 0, datagrams_out = 0, dropped = 0, flows_opened = 0, flows_expired = 0,
+           flows_refused = 0;
 };
 
 class UdpForward {

@@ -19,7 +19,7 @@ namespace vbridge {
 struct Address {
   enum class Kind : uint8_t { kUnix, kTcp, kVsock, kHybridVsock, kSerial };
   Kind kind = Kind::kUnix;
-  std::string path;  // unix, hvsock: socket path; serial: port name or device path; tcp: host
+  std::string path;   // unix, hvsock: socket path; serial: port name or device path; tcp: host
   uint32_t port = 0;  // tcp, vsock, hvsock
   uint32_t cid = 0;   // vsock (0 when a guest listens on any)
 

@@ -23,7 +23,8 @@ void Slice::advance(size_t n) {
   if (size_ == 0) reset();
 }
 
-BufferPool::BufferPool(size_t block_size, size_t max_cached) : block_size_(block_size), max_cached_(max_cached) {}
+BufferPool::BufferPool(size_t block_size, size_t max_cached)
+    : block_size_(block_size), max_cached_(max_cached) {}
 
 BufferPool::~BufferPool() {
   // Buffers still referenced at this point are leaked on purpose rather than freed under their owners;

@@ -22,7 +22,8 @@ Status DatagramAssembler::feed(const Slice& bytes, const std::function<void(Slic
       if (prefix_have_ < kDatagramPrefix) break;
       want_ = load_u32(prefix_);
       if (want_ > kMaxDatagram) {
-        return Error{ErrorCode::kProtocol, 0, fmt::format("datagram of {} bytes exceeds {}", want_, kMaxDatagram)};
+        return Error{ErrorCode::kProtocol, 0,
+                     fmt::format("datagram of {} bytes exceeds {}", want_, kMaxDatagram)};
       }
       partial_have_ = 0;
       if (want_ == 0) {

@@ -28,8 +28,8 @@ class DatagramAssembler {
   BufferPool& pool_;
   std::byte prefix_[kDatagramPrefix]{};
   size_t prefix_have_ = 0;
-  size_t want_ = 0;    // payload bytes of the current datagram
-  Slice partial_;      // gathered payload of a split datagram
+  size_t want_ = 0;  // payload bytes of the current datagram
+  Slice partial_;    // gathered payload of a split datagram
   size_t partial_have_ = 0;
 };
 

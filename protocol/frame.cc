@@ -70,8 +70,8 @@ Result<Hello> decode_hello(std::span<const std::byte> payload) {
                              h.version, kProtocolVersion)};
   }
   if (payload.size() != kHelloPayloadSize) {
-    return Error{ErrorCode::kProtocol, 0, fmt::format("HELLO payload is {} bytes, expected {}", payload.size(),
-                                                      kHelloPayloadSize)};
+    return Error{ErrorCode::kProtocol, 0,
+                 fmt::format("HELLO payload is {} bytes, expected {}", payload.size(), kHelloPayloadSize)};
   }
   h.features = load_u64(payload.data() + 8);
   h.max_frame = load_u32(payload.data() + 16);
@@ -79,8 +79,8 @@ Result<Hello> decode_hello(std::span<const std::byte> payload) {
   h.max_streams = load_u32(payload.data() + 24);
   if (h.max_frame < 1024 || h.initial_window < 1024 || h.max_streams == 0) {
     return Error{ErrorCode::kProtocol, 0,
-                 fmt::format("HELLO has unusable limits (max_frame {}, window {}, max_streams {})", h.max_frame,
-                             h.initial_window, h.max_streams)};
+                 fmt::format("HELLO has unusable limits (max_frame {}, window {}, max_streams {})",
+                             h.max_frame, h.initial_window, h.max_streams)};
   }
   return h;
 }

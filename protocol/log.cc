@@ -39,8 +39,8 @@ void write(Level l, uint32_t stream, std::string_view message) {
   clock_gettime(CLOCK_REALTIME, &ts);
   tm parts{};
   gmtime_r(&ts.tv_sec, &parts);
-  std::string line = fmt::format("{:02}:{:02}:{:02}.{:03} {:<5} {}", parts.tm_hour, parts.tm_min, parts.tm_sec,
-                                 ts.tv_nsec / 1000000, level_name(l), g_component);
+  std::string line = fmt::format("{:02}:{:02}:{:02}.{:03} {:<5} {}", parts.tm_hour, parts.tm_min,
+                                 parts.tm_sec, ts.tv_nsec / 1000000, level_name(l), g_component);
   if (stream != 0) line += fmt::format(" [stream {}]", stream);
   line += ' ';
   line += message;

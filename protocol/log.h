@@ -25,12 +25,20 @@ void at(Level lvl, uint32_t stream, fmt::format_string<Args...> format, Args&&..
 }
 
 template <typename... Args>
-void debug(fmt::format_string<Args...> f, Args&&... a) { at(Level::kDebug, 0, f, std::forward<Args>(a)...); }
+void debug(fmt::format_string<Args...> f, Args&&... a) {
+  at(Level::kDebug, 0, f, std::forward<Args>(a)...);
+}
 template <typename... Args>
-void info(fmt::format_string<Args...> f, Args&&... a) { at(Level::kInfo, 0, f, std::forward<Args>(a)...); }
+void info(fmt::format_string<Args...> f, Args&&... a) {
+  at(Level::kInfo, 0, f, std::forward<Args>(a)...);
+}
 template <typename... Args>
-void warn(fmt::format_string<Args...> f, Args&&... a) { at(Level::kWarn, 0, f, std::forward<Args>(a)...); }
+void warn(fmt::format_string<Args...> f, Args&&... a) {
+  at(Level::kWarn, 0, f, std::forward<Args>(a)...);
+}
 template <typename... Args>
-void error(fmt::format_string<Args...> f, Args&&... a) { at(Level::kError, 0, f, std::forward<Args>(a)...); }
+void error(fmt::format_string<Args...> f, Args&&... a) {
+  at(Level::kError, 0, f, std::forward<Args>(a)...);
+}
 
 }  // namespace vbridge::log

@@ -186,7 +186,8 @@ Status Mux::on_frame_header() {
   if (!peer_) {
     // The first frame must be HELLO: anything else is another protocol on the line.
     const auto raw = decode_header(header_buf_.data());
-    if (!raw.ok() || raw->type != FrameType::kHello || raw->length > kMaxHelloPayload || raw->stream_id != 0) {
+    if (!raw.ok() || raw->type != FrameType::kHello || raw->length > kMaxHelloPayload ||
+        raw->stream_id != 0) {
       return Error{ErrorCode::kProtocol, 0,
                    fmt::format("peer is not a vbridge agent (it sent \"{}\"); check the transport address",
                                printable_prefix(header_buf_))};
@@ -204,22 +205,22 @@ Status Mux::on_frame_header() {
                              h.length, why)};
   };
   switch (h.type) {
-    case FrameType::kHello:
-      return bad("HELLO was already received");
+    case FrameType::kHello: return bad("HELLO was already received");
     case FrameType::kData: {
       if (h.stream_id == 0) return bad("DATA needs a stream");
       if (h.length > config_.max_frame) return bad("larger than the announced max frame size");
       Stream* s = find(h.stream_id);
       if (s == nullptr) {
-        const bool known = is_local_id(h.stream_id) ? h.stream_id < next_local_id_ : h.stream_id <= last_peer_id_;
+        const bool known =
+            is_local_id(h.stream_id) ? h.stream_id < next_local_id_ : h.stream_id <= last_peer_id_;
         if (!known) return bad("stream was never opened");
         return {};  // raced a local reset: deliver_data drops it
       }
       if (s->fin_received) return bad("data after FIN");
       if (h.length > s->recv_window) {
         return Error{ErrorCode::kFlowControl, 0,
-                     fmt::format("stream {} sent {} bytes with only {} bytes of credit", h.stream_id, h.length,
-                                 s->recv_window)};
+                     fmt::format("stream {} sent {} bytes with only {} bytes of credit", h.stream_id,
+                                 h.length, s->recv_window)};
       }
       s->recv_window -= h.length;
       return {};
@@ -267,10 +268,8 @@ Status Mux::on_frame_payload(std::span<const std::byte> payload) {
       handler_.on_ready(*peer_);
       return {};
     }
-    case FrameType::kData:
-      return {};
-    case FrameType::kControl:
-      return handle_control(h.stream_id, payload);
+    case FrameType::kData: return {};
+    case FrameType::kControl: return handle_control(h.stream_id, payload);
     case FrameType::kWindowUpdate: {
       Stream* s = find(h.stream_id);
       if (s == nullptr) return {};
@@ -286,7 +285,8 @@ Status Mux::on_frame_payload(std::span<const std::byte> payload) {
     case FrameType::kFin: {
       Stream* s = find(h.stream_id);
       if (s == nullptr) return {};
-      if (s->fin_received) return Error{ErrorCode::kProtocol, 0, fmt::format("second FIN on stream {}", s->id)};
+      if (s->fin_received)
+        return Error{ErrorCode::kProtocol, 0, fmt::format("second FIN on stream {}", s->id)};
       s->fin_received = true;
       handler_.on_fin(h.stream_id);
       // The handler may have ended the stream and flushed the transport, which reaps it: look it up again.
@@ -303,12 +303,8 @@ Status Mux::on_frame_payload(std::span<const std::byte> payload) {
       close_stream(*s, &error);
       return {};
     }
-    case FrameType::kPing:
-      queue_small(FrameType::kPong, 0, payload);
-      return {};
-    case FrameType::kPong:
-      handler_.on_pong(load_u64(payload.data()));
-      return {};
+    case FrameType::kPing: queue_small(FrameType::kPong, 0, payload); return {};
+    case FrameType::kPong: handler_.on_pong(load_u64(payload.data())); return {};
   }
   return {};
 }
@@ -330,9 +326,7 @@ Status Mux::handle_control(StreamId id, std::span<const std::byte> payload) {
     switch (type) {
       case wire::Message::Ports:
       case wire::Message::FileEvents:
-      case wire::Message::Stats:
-        handler_.on_control(*control);
-        return {};
+      case wire::Message::Stats: handler_.on_control(*control); return {};
       case wire::Message::GoAway: {
         remote_goaway_ = true;
         const auto* m = control->message_as_GoAway()->message();
@@ -345,14 +339,14 @@ Status Mux::handle_control(StreamId id, std::span<const std::byte> payload) {
     }
   }
   switch (type) {
-    case wire::Message::Open:
-      return handle_open(id, control->message_as_Open());
+    case wire::Message::Open: return handle_open(id, control->message_as_Open());
     case wire::Message::OpenOk:
     case wire::Message::OpenFail: {
       Stream* s = find(id);
       if (s == nullptr) return {};
       if (s->phase != StreamPhase::kOpening) {
-        return Error{ErrorCode::kProtocol, 0, fmt::format("open answer for stream {} that is not opening", id)};
+        return Error{ErrorCode::kProtocol, 0,
+                     fmt::format("open answer for stream {} that is not opening", id)};
       }
       if (type == wire::Message::OpenOk) {
         s->phase = StreamPhase::kOpen;
@@ -560,7 +554,8 @@ void Mux::reject(StreamId id, int errno_value, const std::string& message) {
   if (s == nullptr || s->phase != StreamPhase::kAccepting) return;
   flatbuffers::FlatBufferBuilder b(128);
   const auto msg = b.CreateString(message);
-  b.Finish(wire::CreateControl(b, wire::Message::OpenFail, wire::CreateOpenFail(b, errno_value, msg).Union()));
+  b.Finish(
+      wire::CreateControl(b, wire::Message::OpenFail, wire::CreateOpenFail(b, errno_value, msg).Union()));
   queue_control(id, b);
   ++counters_.streams_refused;
   close_stream(*s, nullptr);
@@ -591,9 +586,9 @@ size_t Mux::capacity_of(const Stream& s) const {
   return static_cast<size_t>(std::min(s.send_credit - s.pending_bytes, config_.max_buffered - buffered_));
 }
 
-// Records that `s` ran out of capacity. Credit comes back with a WINDOW_UPDATE, which updates the stream; room
-// under the connection-wide cap comes back when other streams' bytes move on, so a stream waiting for that
-// is listed in starved_ for schedule() to wake.
+// Records that `s` ran out of capacity. Credit comes back with a WINDOW_UPDATE, which updates the stream;
+// room under the connection-wide cap comes back when other streams' bytes move on, so a stream waiting for
+// that is listed in starved_ for schedule() to wake.
 void Mux::note_starved(const Stream& s) const {
   s.starved = true;
   if (!s.in_starved && s.send_credit > s.pending_bytes) {

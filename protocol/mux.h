@@ -34,12 +34,12 @@ namespace vbridge {
 enum class Role : uint8_t { kHost, kGuest };
 
 struct MuxConfig {
-  uint32_t max_frame = 256 * 1024;        // largest payload we accept, and the most we put in one DATA frame
+  uint32_t max_frame = 256 * 1024;  // largest payload we accept, and the most we put in one DATA frame
   uint32_t initial_window = 4 * 1024 * 1024;
   uint32_t max_streams = 16384;
-  uint32_t max_control = 1024 * 1024;     // largest CONTROL payload we accept
-  uint32_t quantum = 64 * 1024;           // bytes a stream may send per scheduler turn
-  uint32_t output_watermark = 256 * 1024; // DATA bytes queued for the transport before the scheduler pauses
+  uint32_t max_control = 1024 * 1024;      // largest CONTROL payload we accept
+  uint32_t quantum = 64 * 1024;            // bytes a stream may send per scheduler turn
+  uint32_t output_watermark = 256 * 1024;  // DATA bytes queued for the transport before the scheduler pauses
   uint64_t max_buffered = 256ull * 1024 * 1024;  // connection-wide cap on bytes queued for sending
   uint64_t features = 0;
   // Before the handshake, skip bytes until the peer's HELLO instead of failing on them. For byte pipes that
@@ -61,15 +61,22 @@ enum class StreamPhase : uint8_t {
 };
 
 // A view of a stream's state, as tests and `vbridge status` see it.
-enum class StreamState : uint8_t { kOpening, kAccepting, kOpen, kHalfClosedLocal, kHalfClosedRemote, kClosed };
+enum class StreamState : uint8_t {
+  kOpening,
+  kAccepting,
+  kOpen,
+  kHalfClosedLocal,
+  kHalfClosedRemote,
+  kClosed
+};
 const char* stream_state_name(StreamState state);
 
 struct MuxCounters {
   uint64_t frames_in = 0, frames_out = 0;
-  uint64_t bytes_in = 0, bytes_out = 0;          // payload bytes of DATA frames
+  uint64_t bytes_in = 0, bytes_out = 0;  // payload bytes of DATA frames
   uint64_t streams_opened = 0, streams_accepted = 0, streams_refused = 0, streams_reset = 0;
-  uint64_t data_for_closed_stream = 0;           // DATA that raced a local reset; dropped
-  uint64_t resync_skipped = 0;                   // stale bytes skipped before the peer's HELLO
+  uint64_t data_for_closed_stream = 0;  // DATA that raced a local reset; dropped
+  uint64_t resync_skipped = 0;          // stale bytes skipped before the peer's HELLO
 };
 
 // What the mux tells the application. Callbacks may call back into the Mux.
@@ -153,15 +160,16 @@ class Mux {
   struct Stream;
   struct OutFrame {
     HeaderBytes header;
-    Slice payload;                  // DATA payload: the sender's bytes
-    std::vector<std::byte> owned;   // CONTROL and RST payloads, built by the mux
-    std::array<std::byte, 8> small; // WINDOW_UPDATE, PING and PONG payloads, without a heap allocation
+    Slice payload;                   // DATA payload: the sender's bytes
+    std::vector<std::byte> owned;    // CONTROL and RST payloads, built by the mux
+    std::array<std::byte, 8> small;  // WINDOW_UPDATE, PING and PONG payloads, without a heap allocation
     uint8_t small_size = 0;
     size_t size() const { return kFrameHeaderSize + payload.size() + owned.size() + small_size; }
   };
 
   Status on_frame_header();
-  // In resync mode: consumes bytes up to the end of the peer's HELLO signature; returns where parsing goes on.
+  // In resync mode: consumes bytes up to the end of the peer's HELLO signature; returns where parsing goes
+  // on.
   Result<size_t> hunt_hello(const std::byte* p, size_t n);
   Status on_frame_payload(std::span<const std::byte> payload);
   Status handle_control(StreamId id, std::span<const std::byte> payload);
@@ -202,12 +210,12 @@ class Mux {
   uint64_t hunt_skipped_ = 0;
 
   std::unordered_map<StreamId, std::unique_ptr<Stream>> streams_;
-  mutable Stream* cached_ = nullptr;  // the stream find() returned last (see find)
-  std::vector<StreamId> closed_;  // closed streams, erased outside callbacks (see reap)
-  uint32_t local_streams_ = 0;    // live streams we opened, against the peer's max_streams
-  uint32_t peer_streams_ = 0;     // live streams the peer opened, against our max_streams
+  mutable Stream* cached_ = nullptr;       // the stream find() returned last (see find)
+  std::vector<StreamId> closed_;           // closed streams, erased outside callbacks (see reap)
+  uint32_t local_streams_ = 0;             // live streams we opened, against the peer's max_streams
+  uint32_t peer_streams_ = 0;              // live streams the peer opened, against our max_streams
   mutable std::vector<StreamId> starved_;  // streams out of capacity because of max_buffered (note_starved)
-  std::deque<StreamId> ready_;  // streams with queued data and credit, in round-robin order
+  std::deque<StreamId> ready_;             // streams with queued data and credit, in round-robin order
   StreamId next_local_id_;
   StreamId last_peer_id_ = 0;
   bool local_goaway_ = false;

@@ -230,7 +230,8 @@ TEST(Mux, SmallExchangeInterleavesWithOneGibibyteStream) {
     }
     testing::pump(host, guest, p.pool);
     testing::pump(guest, host, p.pool);
-    if (small_seen_at == 0 && counter.data_of(s).size() == 64) small_seen_at = counter.bulk_bytes_when_small_arrived;
+    if (small_seen_at == 0 && counter.data_of(s).size() == 64)
+      small_seen_at = counter.bulk_bytes_when_small_arrived;
   }
   ASSERT_GT(small_seen_at, 0u);
   // The 64 bytes overtook the bulk stream: at most one watermark plus one quantum of bulk went first.
@@ -485,7 +486,8 @@ std::string open_frame(StreamId id) {
   wire::TargetT t = unix_target("/x");
   const auto target = wire::Target::Pack(b, &t);
   b.Finish(wire::CreateControl(b, wire::Message::Open, wire::CreateOpen(b, target).Union()));
-  return header(b.GetSize(), id, 2) + std::string(reinterpret_cast<const char*>(b.GetBufferPointer()), b.GetSize());
+  return header(b.GetSize(), id, 2) +
+         std::string(reinterpret_cast<const char*>(b.GetBufferPointer()), b.GetSize());
 }
 
 // A handler that ends a stream and flushes the transport from inside a callback: the flush reaps the
@@ -612,21 +614,26 @@ INSTANTIATE_TEST_SUITE_P(
         Malformed{"open_reused_id", open_frame(1) + open_frame(1), "invalid stream id"},
         Malformed{"window_update_size", open_frame(1) + header(2, 1, 3) + "ab", "4-byte increment"},
         Malformed{"window_update_zero", open_frame(1) + header(4, 1, 3) + std::string(4, '\0'), "of 0 bytes"},
-        Malformed{"flow_control", open_frame(1) + header(200000, 1, 1) + std::string(200000, 'a') +
-                                      header(200000, 1, 1) + std::string(200000, 'a') + header(200000, 1, 1) +
-                                      std::string(200000, 'a') + header(200000, 1, 1) + std::string(200000, 'a') +
-                                      header(200000, 1, 1) + std::string(200000, 'a') + header(200000, 1, 1),
+        Malformed{"flow_control",
+                  open_frame(1) + header(200000, 1, 1) + std::string(200000, 'a') + header(200000, 1, 1) +
+                      std::string(200000, 'a') + header(200000, 1, 1) + std::string(200000, 'a') +
+                      header(200000, 1, 1) + std::string(200000, 'a') + header(200000, 1, 1) +
+                      std::string(200000, 'a') + header(200000, 1, 1),
                   "credit"},
-        Malformed{"data_after_fin", open_frame(1) + header(0, 1, 4) + header(1, 1, 1) + "x", "data after FIN"},
+        Malformed{"data_after_fin", open_frame(1) + header(0, 1, 4) + header(1, 1, 1) + "x",
+                  "data after FIN"},
         Malformed{"double_fin", open_frame(1) + header(0, 1, 4) + header(0, 1, 4), "second FIN"},
         Malformed{"ping_size", header(3, 0, 6) + "abc", "8-byte token"},
         Malformed{"rst_short", open_frame(1) + header(2, 1, 5) + "ab", "malformed RST"},
-        Malformed{"goaway_on_stream", open_frame(1) + [] {
-                    flatbuffers::FlatBufferBuilder b;
-                    b.Finish(wire::CreateControl(b, wire::Message::GoAway, wire::CreateGoAway(b, 0u).Union()));
-                    return header(b.GetSize(), 1, 2) +
-                           std::string(reinterpret_cast<const char*>(b.GetBufferPointer()), b.GetSize());
-                  }(),
+        Malformed{"goaway_on_stream",
+                  open_frame(1) +
+                      [] {
+                        flatbuffers::FlatBufferBuilder b;
+                        b.Finish(
+                            wire::CreateControl(b, wire::Message::GoAway, wire::CreateGoAway(b, 0u).Union()));
+                        return header(b.GetSize(), 1, 2) +
+                               std::string(reinterpret_cast<const char*>(b.GetBufferPointer()), b.GetSize());
+                      }(),
                   "connection-level"}),
     [](const ::testing::TestParamInfo<Malformed>& param) { return std::string(param.param.name); });
 

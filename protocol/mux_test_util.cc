@@ -93,7 +93,8 @@ std::string drain(Mux& from) {
   return out;
 }
 
-Pair::Pair(MuxConfig config) : host(Role::kHost, host_handler, config), guest(Role::kGuest, guest_handler, config) {
+Pair::Pair(MuxConfig config)
+    : host(Role::kHost, host_handler, config), guest(Role::kGuest, guest_handler, config) {
   host_handler.mux = &host;
   guest_handler.mux = &guest;
 }

@@ -9,7 +9,8 @@
 namespace vbridge::testing {
 
 struct Event {
-  std::string kind;  // ready, open, open_ok, open_fail, data, fin, reset, writable, closed, control, goaway, pong
+  std::string
+      kind;  // ready, open, open_ok, open_fail, data, fin, reset, writable, closed, control, goaway, pong
   StreamId id = 0;
   std::string text;  // data bytes, target path, error message
   bool operator==(const Event&) const = default;

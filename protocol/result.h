@@ -10,15 +10,15 @@
 namespace vbridge {
 
 enum class ErrorCode : uint8_t {
-  kProtocol,       // the peer broke the wire protocol (malformed frame, bad state transition)
-  kVersion,        // the peer speaks another protocol version
-  kFlowControl,    // the peer sent more than its window allowed
-  kLimit,          // a configured bound was hit (streams, memory, frame size)
-  kRefused,        // the peer refused a stream (OPEN_FAIL)
-  kReset,          // the stream was reset
-  kIo,             // a syscall failed; errno_value says which
-  kGoingAway,      // the connection is draining
-  kConfig,         // bad configuration
+  kProtocol,     // the peer broke the wire protocol (malformed frame, bad state transition)
+  kVersion,      // the peer speaks another protocol version
+  kFlowControl,  // the peer sent more than its window allowed
+  kLimit,        // a configured bound was hit (streams, memory, frame size)
+  kRefused,      // the peer refused a stream (OPEN_FAIL)
+  kReset,        // the stream was reset
+  kIo,           // a syscall failed; errno_value says which
+  kGoingAway,    // the connection is draining
+  kConfig,       // bad configuration
 };
 
 const char* error_code_name(ErrorCode code);
@@ -35,8 +35,8 @@ struct Error {
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : v_(std::move(value)) {}         // NOLINT(google-explicit-constructor)
-  Result(Error error) : v_(std::move(error)) {}     // NOLINT(google-explicit-constructor)
+  Result(T value) : v_(std::move(value)) {}      // NOLINT(google-explicit-constructor)
+  Result(Error error) : v_(std::move(error)) {}  // NOLINT(google-explicit-constructor)
   bool ok() const { return v_.index() == 0; }
   explicit operator bool() const { return ok(); }
   T& value() { return std::get<0>(v_); }

@@ -104,8 +104,8 @@ struct Options {
 
 Options parse_options(int argc, char** argv) {
   static const char* const kFlags[] = {"--reverse", "--background-bulk"};
-  static const char* const kValued[] = {"--unix",  "--tcp",  "--connect",  "--seconds",
-                                        "--streams", "--count", "--size", "--parallel"};
+  static const char* const kValued[] = {"--unix",    "--tcp",   "--connect", "--seconds",
+                                        "--streams", "--count", "--size",    "--parallel"};
   Options opt;
   if (argc < 2) fail("usage: vbridge-loadgen serve|throughput|rtt|connrate [options]");
   opt.mode = argv[1];
@@ -286,7 +286,7 @@ int listen_on(const Address& a) {
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
   } else {
     const char* path = reinterpret_cast<const sockaddr_un*>(a.sa())->sun_path;
-    struct stat st{};
+    struct stat st {};
     if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode)) unlink(path);
   }
   if (bind(fd, a.sa(), a.length) != 0) fail(errno_text("bind " + describe(a)));
@@ -493,7 +493,8 @@ StreamResult sink_stream(const Address& a, const std::atomic<bool>& stop, Clock:
   }
   res.seconds = seconds_since(t0);
   close(fd);
-  for (int i = 0; i < 8; ++i) res.bytes |= static_cast<uint64_t>(static_cast<unsigned char>(reply[i])) << (8 * i);
+  for (int i = 0; i < 8; ++i)
+    res.bytes |= static_cast<uint64_t>(static_cast<unsigned char>(reply[i])) << (8 * i);
   if (res.bytes != sent)
     res.error = "server counted " + std::to_string(res.bytes) + " bytes, client sent " + std::to_string(sent);
   return res;
@@ -522,7 +523,9 @@ StreamResult generate_stream(const Address& a, Clock::time_point deadline) {
 struct Percentiles {
   std::vector<double> sorted;
 
-  explicit Percentiles(std::vector<double> v) : sorted(std::move(v)) { std::sort(sorted.begin(), sorted.end()); }
+  explicit Percentiles(std::vector<double> v) : sorted(std::move(v)) {
+    std::sort(sorted.begin(), sorted.end());
+  }
 
   double at(double q) const {
     if (sorted.empty()) return 0;
@@ -548,15 +551,15 @@ std::string first_error(const std::vector<StreamResult>& results) {
 }
 
 // Runs `streams` parallel streams of one direction and returns the JSON summary.
-std::string throughput_direction(const Address& a, int streams, double seconds, bool reverse, std::string& error) {
+std::string throughput_direction(const Address& a, int streams, double seconds, bool reverse,
+                                 std::string& error) {
   std::vector<StreamResult> results(static_cast<size_t>(streams));
   std::vector<std::thread> threads;
   std::atomic<bool> never{false};
   auto deadline = after(seconds);
   for (size_t i = 0; i < results.size(); ++i)
-    threads.emplace_back([&, i] {
-      results[i] = reverse ? generate_stream(a, deadline) : sink_stream(a, never, deadline);
-    });
+    threads.emplace_back(
+        [&, i] { results[i] = reverse ? generate_stream(a, deadline) : sink_stream(a, never, deadline); });
   for (auto& t : threads) t.join();
 
   uint64_t total = 0;
@@ -624,7 +627,8 @@ int run_rtt(const Options& opt) {
   samples.reserve(count);
   int fd = open_stream(a, 'E', error);
   if (fd >= 0) {
-    std::vector<char> out(pattern_buffer().begin(), pattern_buffer().begin() + static_cast<std::ptrdiff_t>(size));
+    std::vector<char> out(pattern_buffer().begin(),
+                          pattern_buffer().begin() + static_cast<std::ptrdiff_t>(size));
     std::vector<char> in(size);
     size_t warmup = std::min<size_t>(100, count / 10);
     auto t_end = after(max_seconds);
@@ -675,7 +679,8 @@ int run_connrate(const Options& opt) {
         int fd = connect_to(a);
         char reply = 0;
         bool good = fd >= 0 && write_all(fd, "C", 1) && read_exact(fd, &reply, 1) && reply == 'k';
-        if (!good) my_error = fd < 0 ? errno_text("connect") : reply ? "unexpected reply" : errno_text("connect test");
+        if (!good)
+          my_error = fd < 0 ? errno_text("connect") : reply ? "unexpected reply" : errno_text("connect test");
         if (fd >= 0) close(fd);
         if (good) {
           mine.push_back(micros(Clock::now() - start));

@@ -72,6 +72,8 @@ ROOTFS_MODULES = [
     "xt_conntrack", "xt_MASQUERADE", "xt_addrtype", "iptable_nat", "iptable_filter", "ip6table_nat",
     "ip6table_filter", "9pnet_virtio", "9p", "virtio_console", "vmw_vsock_virtio_transport", "vsock_loopback",
     "button", "evdev", "fuse", "tun", "loop", "dummy", "virtio_rng",
+    # NETLINK_SOCK_DIAG dumps of TCP and UDP sockets: the guest agent's port watcher.
+    "inet_diag", "tcp_diag", "udp_diag",
 ]
 
 # Space a base build needs at its peak: the .deb cache, the debootstrap tree and the disk image built from it.

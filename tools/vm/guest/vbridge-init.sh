@@ -91,9 +91,9 @@ echo 8192 >/proc/sys/fs/inotify/max_user_instances
 # --- modules ---------------------------------------------------------------------------------------------------
 # overlay: overlay2 storage; bridge/br_netfilter/veth/nf_tables: dockerd with its default networking (kept for
 # users who turn it on); 9p: shares; virtio_console: the agent's port; vsock: the vsock transport; button/evdev:
-# the ACPI power button.
+# the ACPI power button; inet_diag/tcp_diag/udp_diag: the guest agent's port watcher (NETLINK_SOCK_DIAG).
 modules="overlay bridge br_netfilter veth nf_tables 9pnet_virtio 9p virtio_console vmw_vsock_virtio_transport \
-vsock_loopback button evdev fuse tun loop"
+vsock_loopback button evdev fuse tun loop inet_diag tcp_diag udp_diag"
 # One modprobe for all (each process start is slow under TCG); then report what is missing.
 # shellcheck disable=SC2086 # a word list
 modprobe -a -q $modules 2>/dev/null

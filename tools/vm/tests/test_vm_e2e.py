@@ -108,14 +108,19 @@ class BootAndStop(unittest.TestCase):
     # ---- across the VM boundary, through both agents ----
 
     @classmethod
-    def host_agent(cls) -> dict:
-        """Starts vbridge-host on the VM's virtio-serial channel once; returns the docker environment."""
+    def host_agent(cls, share: bool = True) -> dict:
+        """Starts vbridge-host on the VM's virtio-serial channel (again if `share` changes); returns the docker
+        environment. With `share`, it replays the shared folder's changes in the guest."""
+        if cls.host_proc is not None and cls.host_proc.poll() is None and getattr(cls, "host_share", True) != share:
+            cls.host_proc.kill()
+            cls.host_proc.wait(10)
         if cls.host_proc is None or cls.host_proc.poll() is not None:
             log = open(cls.runtime / "host.log", "ab")
+            cls.host_share = share
             cls.host_proc = subprocess.Popen(
                 [HOST_AGENT, "-t", f"unix:{cls.state['agent_socket']}", "--serial-chardev", "-i", "e2e",
-                 "--runtime-dir", str(cls.runtime / "host"), "--no-docker-context", "--share", f"s0={cls.share}",
-                 "--log-level", "debug"], stdout=log, stderr=log)
+                 "--runtime-dir", str(cls.runtime / "host"), "--no-docker-context", "--log-level", "debug",
+                 *(["--share", f"s0={cls.share}"] if share else [])], stdout=log, stderr=log)
         sock = cls.runtime / "host" / "docker.sock"
         env = dict(os.environ, DOCKER_HOST=f"unix://{sock}")
         wait(lambda: subprocess.run(["docker", "version"], env=env, capture_output=True).returncode == 0, 60,
@@ -163,28 +168,33 @@ class BootAndStop(unittest.TestCase):
 
     @unittest.skipUnless(AGENT and HOST_AGENT, "needs VBRIDGE_GUEST_AGENT and VBRIDGE_HOST_AGENT")
     def test_host_file_change_fires_inotify_in_the_guest_over_9p(self) -> None:
-        env = self.host_agent()
-        # busybox inotifyd in a container watching the 9p share prints one line per event.
-        cid = subprocess.run(["docker", "run", "-d", "-v", f"{self.share}:/data", "vbridge/busybox", "inotifyd", "-",
-                              "/data:wcdnmy"], env=env, check=True, capture_output=True, text=True).stdout.strip()
-        try:
-            def logs() -> str:
-                return subprocess.run(["docker", "logs", cid], env=env, capture_output=True, text=True).stdout
+        # inotifywait of the guest's root filesystem, in a container that chroots into it, watching the 9p share.
+        def start_watcher(env: dict) -> str:
+            cid = subprocess.run(["docker", "run", "-d", "-v", "/:/host", "vbridge/busybox", "chroot", "/host",
+                                  "inotifywait", "-m", "-e", "create,modify,attrib,close_write", str(self.share)],
+                                 env=env, check=True, capture_output=True, text=True).stdout.strip()
+            wait(lambda: "Watches established" in logs(env, cid), 30, "inotifywait in the guest to be ready")
+            return cid
 
-            wait(lambda: subprocess.run(["docker", "top", cid], env=env, capture_output=True).returncode == 0, 30,
-                 "inotifyd to run")
-            time.sleep(0.5)  # inotifyd has no readiness signal; give it time to add its watch
-            # 9p alone delivers nothing: a file created behind the mount's back stays silent for this long.
-            (self.share / "gap-probe.txt").write_text("x\n")
-            time.sleep(1.0)
-            self.assertNotIn("gap-probe.txt", logs(), "9p delivered the host change without vbridge")
-        finally:
-            pass
+        def logs(env: dict, cid: str) -> str:
+            r = subprocess.run(["docker", "logs", cid], env=env, capture_output=True, text=True)
+            return r.stdout + r.stderr
+
+        # Without file events (a host agent without --share), 9p delivers nothing for a host-side change.
+        env = self.host_agent(share=False)
+        cid = start_watcher(env)
         try:
-            # Now through vbridge (the host agent watches the share).
-            self.host_agent()
+            (self.share / "gap-probe.txt").write_text("x\n")
+            time.sleep(1.5)
+            self.assertNotIn("gap-probe.txt", logs(env, cid), "9p delivered the host change without vbridge")
+        finally:
+            subprocess.run(["docker", "rm", "-f", cid], env=env, capture_output=True)
+        # With it, the same kind of change fires inotify in the guest.
+        env = self.host_agent(share=True)
+        cid = start_watcher(env)
+        try:
             (self.share / "changed-on-host.txt").write_text("new\n")
-            wait(lambda: "changed-on-host.txt" in logs(), 20, "inotifyd in the guest to see the host's change")
+            wait(lambda: "changed-on-host.txt" in logs(env, cid), 20, "inotifywait in the guest to see the change")
         finally:
             subprocess.run(["docker", "rm", "-f", cid], env=env, capture_output=True)
 
