@@ -42,10 +42,15 @@ configure() {
 step "install packages (tools/setup.sh)"
 "$root/tools/setup.sh"
 
+step "clang-format check (.clang-format)"
+git ls-files '*.cc' '*.h' | xargs clang-format --dry-run --Werror
+
 step "configure build/ (Release, -Werror)"
 configure build -DCMAKE_BUILD_TYPE=Release -DVBRIDGE_WERROR=ON -DVBRIDGE_VM_E2E=ON
 step "build build/"
 cmake --build build -j "$jobs"
+step "clang-tidy on the protocol core (.clang-tidy; reported, not gating)"
+VBRIDGE_TIDY_FILTER='protocol/[a-z_]+\.cc$' "$root/tools/tidy.sh" build 2>&1 | tail -n 30 || echo "clang-tidy reported warnings (see above)"
 step "ctest in build/"
 (cd build && ctest --output-on-failure -j "$jobs")
 

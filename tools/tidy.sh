@@ -13,7 +13,7 @@ if [[ ! -f "$build/compile_commands.json" ]]; then
   exit 2
 fi
 # Anchored at the repository root, so generated headers in build folders (build/protocol/...) are left out.
-pattern="^$root/(protocol|host|guest|tools|bench|tests)/"
+pattern="^$root/${VBRIDGE_TIDY_FILTER:-(protocol|host|guest|tools|bench|tests)/}"
 mapfile -t files < <(python3 - "$build/compile_commands.json" "$pattern" <<'PY'
 import json, os, re, sys
 entries = json.load(open(sys.argv[1]))
