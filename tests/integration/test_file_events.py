@@ -254,6 +254,26 @@ CHOKIDAR_EXPECT = {
 }
 
 
+def prove_gap(guest: "Guest") -> None:
+    """Evidence that the guest's mount raises no event for a host change by itself."""
+    watch = guest.inotifywait("gap-inotifywait")
+    _write(os.path.join(guest.back, ".gap-probe"), "probe\n")
+    watch.assert_quiet(GAP_WAIT, "a host write without vbridge")
+    os.unlink(os.path.join(guest.back, ".gap-probe"))
+    watch.process.terminate()
+
+
+def expect_each_action_in_inotifywait(test: unittest.TestCase, guest: "Guest", actions: "Actions") -> None:
+    """Performs each host action and waits for inotifywait in the guest to report it."""
+    watch = guest.inotifywait()
+    for what, act in actions.all():
+        with test.subTest(what):
+            watch.mark()
+            act()
+            watch.wait(INOTIFY_EXPECT[what], f"inotifywait in the guest to see: {what}")
+            time.sleep(0.2)  # let this action's events settle before the next
+
+
 def require_tools(test: unittest.TestCase) -> None:
     reason = missing_tools()
     if reason:
@@ -311,11 +331,7 @@ class SelftestCase(FixtureTestCase):
 
     def prove_gap(self) -> None:
         """The test's own evidence that this mount raises no event for a host change by itself."""
-        watch = self.guest.inotifywait("gap-inotifywait")
-        _write(os.path.join(self.guest.back, ".gap-probe"), "probe\n")
-        watch.assert_quiet(GAP_WAIT, "a host write without vbridge")
-        os.unlink(os.path.join(self.guest.back, ".gap-probe"))
-        watch.process.terminate()
+        prove_gap(self.guest)
 
     def start_selftest(self, *extra: str, name: str = "selftest") -> Process:
         p = Process(self.workdir, name, [self.binary, "--share", f"home={self.guest.back}={self.guest.mnt}",
@@ -351,13 +367,7 @@ class EventsReachGuestWatchers(SelftestCase):
     def test_inotifywait_sees_each_host_action(self):
         self.prove_gap()
         self.start_selftest()
-        watch = self.guest.inotifywait()
-        for what, act in self.actions.all():
-            with self.subTest(what):
-                watch.mark()
-                act()
-                watch.wait(INOTIFY_EXPECT[what], f"inotifywait in the guest to see: {what}")
-                time.sleep(0.2)  # let this action's events settle before the next
+        expect_each_action_in_inotifywait(self, self.guest, self.actions)
 
     def test_chokidar_reports_add_change_unlink(self):
         node_path, reason = chokidar_node_path()
@@ -403,20 +413,9 @@ class RealAgentsCarryFileEvents(FixtureTestCase):
                          extra=["--share", f"home={self.guest.back}"]).start()
 
     def test_inotifywait_sees_each_host_action_through_the_agents(self):
-        watch = self.guest.inotifywait("gap-inotifywait")
-        _write(os.path.join(self.guest.back, ".gap-probe"), "probe\n")
-        watch.assert_quiet(GAP_WAIT, "a host write without vbridge")
-        os.unlink(os.path.join(self.guest.back, ".gap-probe"))
-        watch.process.terminate()
-
+        prove_gap(self.guest)
         host = self.start_agents()
-        watch = self.guest.inotifywait()
-        for what, act in self.actions.all():
-            with self.subTest(what):
-                watch.mark()
-                act()
-                watch.wait(INOTIFY_EXPECT[what], f"inotifywait in the guest to see: {what}")
-                time.sleep(0.2)  # let this action's events settle before the next
+        expect_each_action_in_inotifywait(self, self.guest, self.actions)
         self.assertGreater(host.status()["file_events"]["batches"], 0)
 
 
