@@ -390,7 +390,7 @@ TEST(Mux, ResyncSkipsStaleBytesUntilThePeersHelloAtEverySplit) {
   testing::RecordingHandler sender_handler;
   Mux sender(Role::kHost, sender_handler);
   const std::string hello = testing::drain(sender);
-  const std::string stale = std::string("\x05\x00\x00\x00\x07\x00\x00\x00\x01\x00\x00\x00tail!") +
+  const std::string stale = std::string("\x05\x00\x00\x00\x07\x00\x00\x00\x01\x00\x00\x00tail!", 17) +
                             std::string(100, '\0') + hello.substr(0, 10);  // even a torn HELLO
   const std::string wire = stale + hello;
   for (size_t split = 0; split <= wire.size(); ++split) {
