@@ -13,12 +13,14 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "host/file_watch/coalescer.h"
 #include "host/file_watch/echo_filter.h"
+#include "protocol/control_generated.h"
 #include "protocol/result.h"
 
 namespace vbridge::file_watch {
@@ -53,6 +55,27 @@ struct WatcherCounters {
   uint64_t pending_paths = 0;
   uint64_t window_ms = 0;  // current coalescing window
 };
+
+// Wraps one encoded FILE_EVENTS message of `share` as a Batch.
+inline Batch make_batch(const std::string& share, flatbuffers::FlatBufferBuilder message) {
+  Batch b;
+  b.share = share;
+  const auto* fe = flatbuffers::GetRoot<wire::Control>(message.GetBufferPointer())->message_as_FileEvents();
+  b.seq = fe->seq();
+  b.events = fe->events() != nullptr ? fe->events()->size() : 0;
+  b.message = std::move(message);
+  return b;
+}
+
+// Takes at most `max_batches` batches from the front of `ready`.
+inline std::vector<Batch> take_batches(std::deque<Batch>& ready, size_t max_batches) {
+  std::vector<Batch> out;
+  while (!ready.empty() && out.size() < max_batches) {
+    out.push_back(std::move(ready.front()));
+    ready.pop_front();
+  }
+  return out;
+}
 
 class Watcher {
  public:

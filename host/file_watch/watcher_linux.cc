@@ -403,21 +403,11 @@ std::vector<Batch> InotifyWatcher::drain(size_t max_batches) {
       expect_echoes(i, changes, now);
       counters_.changes += changes.size();
       for (auto& m : encode_batches(shares_[i].share.name, changes, &seq_, batch_limits_)) {
-        Batch b;
-        b.share = shares_[i].share.name;
-        const auto* fe = flatbuffers::GetRoot<wire::Control>(m.GetBufferPointer())->message_as_FileEvents();
-        b.seq = fe->seq();
-        b.events = fe->events() != nullptr ? fe->events()->size() : 0;
-        b.message = std::move(m);
-        ready_.push_back(std::move(b));
+        ready_.push_back(make_batch(shares_[i].share.name, std::move(m)));
       }
     }
   }
-  std::vector<Batch> out;
-  while (!ready_.empty() && out.size() < max_batches) {
-    out.push_back(std::move(ready_.front()));
-    ready_.pop_front();
-  }
+  std::vector<Batch> out = take_batches(ready_, max_batches);
   counters_.batches += out.size();
   arm_timer(max_batches > 0);
   return out;
