@@ -52,7 +52,28 @@ GUEST_DIR = HERE / "guest"
 RECIPE_VERSION = 2
 
 DEFAULT_RELEASE = "bookworm"
-DEFAULT_MIRROR = os.environ.get("VBRIDGE_DEBIAN_MIRROR", "")
+def apt_mirror() -> str:
+    """The Debian archive this machine's apt uses (the first deb URI in its sources), so debootstrap fetches
+    from the same place apt-get does."""
+    sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*.sources")),
+               *sorted(Path("/etc/apt/sources.list.d").glob("*.list"))]
+    for path in sources:
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            words = line.split("#", 1)[0].split()
+            if path.suffix == ".sources" and words[:1] == ["URIs:"] and len(words) > 1:
+                return words[1].rstrip("/")
+            if words[:1] == ["deb"]:
+                uris = [w for w in words[1:] if "://" in w]
+                if uris:
+                    return uris[0].rstrip("/")
+    return ""
+
+
+DEFAULT_MIRROR = os.environ.get("VBRIDGE_DEBIAN_MIRROR") or apt_mirror()
 DEFAULT_DISK_SIZE = "4G"
 AGENT_PATH_IN_GUEST = "/usr/local/bin/vbridge-guest"
 
@@ -364,7 +385,9 @@ def debootstrap(spec: ImageSpec, target: Path, log, progress: Progress) -> None:
     exe = which_or_error("debootstrap", "debootstrap", "to build the guest's root filesystem")
     spec.debs_dir().mkdir(parents=True, exist_ok=True)
     cmd = [exe, "--variant=minbase", f"--include={','.join(sorted(set(spec.packages)))}",
-           f"--cache-dir={spec.debs_dir().resolve()}", spec.release, str(target), spec.mirror]
+           f"--cache-dir={spec.debs_dir().resolve()}", spec.release, str(target)]
+    if spec.mirror:
+        cmd.append(spec.mirror)  # else debootstrap's own default archive
     shown: set[str] = set()
 
     def on_line(line: str) -> None:
