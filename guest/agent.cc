@@ -28,6 +28,8 @@ constexpr auto kMinRescan = std::chrono::milliseconds(2);  // on-demand scans (a
 constexpr auto kFullScanEvery = std::chrono::milliseconds(500);
 // UDP replies and reassembled datagrams: a block takes a few maximal datagrams or many small ones.
 constexpr size_t kDatagramBlock = 256 * 1024;
+// Connections on a listening transport that have not finished their handshake yet.
+constexpr size_t kMaxPending = 8;
 
 __kernel_timespec to_timespec(std::chrono::milliseconds d) {
   __kernel_timespec ts{};
@@ -48,6 +50,12 @@ Result<ReverseUnix> parse_reverse_unix(std::string_view text) {
 }
 
 Result<std::unique_ptr<Agent>> Agent::create(AgentConfig config) {
+  if (!config.token.empty() && config.listen.kind == Address::Kind::kSerial) {
+    return Error{ErrorCode::kConfig, EINVAL,
+                 "--token-file is for unix, tcp and vsock transports; a virtio-serial port is reachable only "
+                 "by its VM's host"};
+  }
+  config.mux.expect_token = config.token;
   auto targets = TargetPolicy::create(config.targets);
   if (!targets) return targets.error();
   auto loop = UringLoop::create();
@@ -131,6 +139,7 @@ Agent::~Agent() {
   // The kernel lets go of every buffer, iovec and address first; then their owners may go.
   loop_->exit();
   active_.reset();
+  pending_.clear();
   retiring_.clear();
   probe_hold_.reset();
   transport_buffers_.reset();
@@ -164,6 +173,7 @@ int Agent::run() {
   while (true) {
     arm_waiting_ops();
     if (active_) active_->flush();
+    for (auto& s : pending_) s->flush();
     for (auto& s : retiring_) s->flush();
     if (shutdown_step()) break;
     if (Status st = loop_->submit_and_wait(); !st) {
@@ -227,6 +237,9 @@ void Agent::dispatch(const io_uring_cqe& cqe) {
 
 Session* Agent::session_for(uint32_t owner) {
   if (active_ && active_->owner() == owner) return active_.get();
+  for (auto& s : pending_) {
+    if (s->owner() == owner) return s.get();
+  }
   for (auto& s : retiring_) {
     if (s->owner() == owner) return s.get();
   }
@@ -405,6 +418,15 @@ void Agent::scan_ports() {
 }
 
 void Agent::on_host_ready(Session& session) {
+  // A listener connection becomes the active one only now that its HELLO (and token) checked out.
+  const auto it = std::find_if(pending_.begin(), pending_.end(),
+                               [&](const std::unique_ptr<Session>& s) { return s.get() == &session; });
+  if (it != pending_.end()) {
+    std::unique_ptr<Session> promoted = std::move(*it);
+    pending_.erase(it);
+    if (active_) retire_active("a new host connection replaces this one", log::Level::kWarn);
+    active_ = std::move(promoted);
+  }
   if (!watcher_) return;
   // The snapshot replaces whatever the host knew; a scan that fails now leaves the next one a snapshot.
   watcher_->reset();
@@ -467,12 +489,26 @@ uint32_t Agent::next_owner() {
 }
 
 void Agent::start_session(int fd, std::string peer, Slice first) {
-  if (active_) retire_active("a new host connection replaces this one", log::Level::kWarn);
   ++counters_.host_connections;
   log::info("host connected: {}", peer);
   const TransportKind kind = endpoint_.kind();
-  active_ = std::make_unique<Session>(*env_, next_owner(), fd, kind, std::move(peer));
-  active_->start(std::move(first));
+  auto session = std::make_unique<Session>(*env_, next_owner(), fd, kind, std::move(peer));
+  if (kind == TransportKind::kSerial) {
+    // The port is served by one session at a time; this one starts only once the previous one let go.
+    active_ = std::move(session);
+    active_->start(std::move(first));
+    return;
+  }
+  // A listener connection waits for its HELLO before it may replace the active one (on_host_ready).
+  if (pending_.size() >= kMaxPending) {
+    pending_.front()->close(
+        fmt::format("{} newer connections are waiting for their HELLO; dropping this one", kMaxPending),
+        log::Level::kWarn);
+    retiring_.push_back(std::move(pending_.front()));
+    pending_.erase(pending_.begin());
+  }
+  pending_.push_back(std::move(session));
+  pending_.back()->start(std::move(first));
 }
 
 void Agent::retire_active(const std::string& why, log::Level level) {
@@ -483,6 +519,10 @@ void Agent::retire_active(const std::string& why, log::Level level) {
 void Agent::collect_sessions() {
   // A session closes itself when its host goes away or breaks the protocol.
   if (active_ && active_->closing()) retiring_.push_back(std::move(active_));
+  for (auto& s : pending_) {
+    if (s->closing()) retiring_.push_back(std::move(s));
+  }
+  std::erase(pending_, nullptr);
   std::erase_if(retiring_, [this](const std::unique_ptr<Session>& s) {
     if (!s->finished()) return false;
     if (Slice rest = s->take_leftover(); !rest.empty()) serial_carry_ = std::move(rest);
@@ -506,6 +546,11 @@ void Agent::begin_drain() {
     if (reverse_[i].retry_pending) loop_->cancel(Tag{Op::kRetryTimer, 0, i + 1});
   }
   if (active_) active_->goaway("guest agent is shutting down");
+  for (auto& s : pending_) {
+    s->close("guest agent is shutting down", log::Level::kInfo);
+    retiring_.push_back(std::move(s));
+  }
+  pending_.clear();
   arm_timer(kDrainTimer, config_.drain_timeout);
 }
 

@@ -2,6 +2,11 @@
 // replaces an older one, since a host only reconnects when it lost the old connection), and on
 // SIGTERM/SIGINT sends GOAWAY, lets streams drain briefly and exits.
 //
+// A new connection on a listening transport waits in `pending_` until its HELLO arrived (carrying the
+// --token-file token on unix and TCP); only then does it replace the active one, so a local process without
+// the token cannot take the bridge over. At most kMaxPending connections wait; a newer one pushes out the
+// oldest.
+//
 // Each loop iteration: queue SQEs for whatever became ready (Session::flush), submit them all with one
 // io_uring_submit_and_wait, then handle every completion through one switch (dispatch).
 //
@@ -63,6 +68,9 @@ struct AgentConfig {
   std::vector<ReverseUnix> reverse_unix;
   std::vector<file_events::Mount>
       shares;  // host folders mounted in the guest whose host-side changes are replayed here
+  // The shared secret a host's HELLO must carry (--token-file); required on unix and TCP transports unless
+  // --insecure-no-token. Not used on serial ports.
+  std::string token;
 };
 
 class Agent final : private SessionHooks {
@@ -139,6 +147,7 @@ class Agent final : private SessionHooks {
   std::unique_ptr<SessionEnv> env_;
 
   std::unique_ptr<Session> active_;
+  std::vector<std::unique_ptr<Session>> pending_;  // accepted, HELLO not yet received and checked
   std::vector<std::unique_ptr<Session>> retiring_;
   uint32_t last_owner_ = 0;
 

@@ -43,6 +43,14 @@ using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
 constexpr auto kDeadline = milliseconds(10000);
+// The --token-file contents of every unix-listening agent in this file (HostPeer sends it in its HELLO).
+const std::string kToken = "0123456789abcdef0123456789abcdef";
+
+// Writes `text` to `path` with `mode`.
+void write_file(const std::string& path, const std::string& text, mode_t mode) {
+  std::ofstream(path) << text;
+  chmod(path.c_str(), mode);
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // Helpers: temp dir, byte streams with checksums
@@ -252,6 +260,15 @@ class AgentProcess {
     std::vector<std::string> args = {VBRIDGE_GUEST_BINARY, "--listen",
                                      listen.empty() ? "unix:" + socket_path_ : listen, "--log-level",
                                      "debug"};
+    // A unix transport needs a token unless the test says otherwise.
+    const bool own_token =
+        listen.empty() && std::none_of(flags.begin(), flags.end(), [](const std::string& f) {
+          return f == "--token-file" || f == "--insecure-no-token";
+        });
+    if (own_token) {
+      write_file(dir.file("token"), kToken + "\n", 0600);
+      args.insert(args.end(), {"--token-file", dir.file("token")});
+    }
     args.insert(args.end(), flags.begin(), flags.end());
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
@@ -347,18 +364,22 @@ struct StreamRecord {
 
 class HostPeer final : public MuxHandler {
  public:
-  explicit HostPeer(int fd) : fd_(fd), mux_(Role::kHost, *this, config_for(fd)) {
+  explicit HostPeer(int fd, const std::string& token = kToken)
+      : fd_(fd), mux_(Role::kHost, *this, config_for(fd, token)) {
     struct stat st {};
     is_socket_ = fstat(fd, &st) == 0 && S_ISSOCK(st.st_mode);
   }
   // Over a serial port the host resyncs past the guest's restart marker, as vbridge-host --serial-chardev
-  // does.
-  static MuxConfig config_for(int fd) {
+  // does; over a socket it sends the token.
+  static MuxConfig config_for(int fd, const std::string& token) {
     struct stat st {};
     MuxConfig config;
     config.resync = fstat(fd, &st) == 0 && !S_ISSOCK(st.st_mode);
+    if (!config.resync) config.hello_token = token;
     return config;
   }
+  // The agent is expected to fail the connection (a refused token): feed errors are not test failures.
+  bool expect_failure = false;
   ~HostPeer() override {
     if (fd_ >= 0) close(fd_);
   }
@@ -536,7 +557,7 @@ class HostPeer final : public MuxHandler {
           is_socket_ ? recv(fd_, buf.data(), buf.size(), MSG_DONTWAIT) : read(fd_, buf.data(), buf.size());
       if (r > 0) {
         Status st = mux_.feed(buf.sub(0, static_cast<size_t>(r)));
-        EXPECT_TRUE(st.ok()) << st.error().to_string();
+        EXPECT_TRUE(st.ok() || expect_failure) << st.error().to_string();
       } else if (r == 0 || (errno != EAGAIN && errno != EINTR)) {
         transport_closed_ = true;
         close(fd_);
@@ -979,8 +1000,67 @@ TEST_P(GuestAgent, NewHostConnectionReplacesTheOldOne) {
   auto first = connect();
   ASSERT_TRUE(first->pump_until([&] { return first->mux().ready(); }));
   auto second = connect();
+  // The newer connection replaces the older one once its HELLO (with the token) is in, not before.
+  ASSERT_TRUE(second->pump_until([&] { return second->mux().ready(); })) << agent_->log();
   ASSERT_TRUE(first->pump_until([&] { return first->transport_closed(); })) << agent_->log();
   expect_echo(*second, "the newer host wins");
+}
+
+// Issue 8: a local process without the token must not take the bridge over. The refused connection is
+// logged once and closed; the active host connection is not touched.
+TEST_P(GuestAgent, WrongOrMissingTokenIsRefusedAndTheActiveHostKeepsServing) {
+  start();
+  auto first = connect();
+  const StreamId kept = first->open_unix("echo");
+  first->send_text(kept, "before ");
+  ASSERT_TRUE(first->pump_until([&] { return first->stream(kept).data == "before "; })) << agent_->log();
+
+  // Connected but silent: waits for its HELLO and replaces nothing.
+  const int silent = agent_->connect_host();
+  for (const std::string& token : {std::string("fedcba9876543210fedcba9876543210"), std::string()}) {
+    HostPeer intruder(agent_->connect_host(), token);
+    intruder.expect_failure = true;
+    ASSERT_TRUE(intruder.pump_until([&] { return intruder.transport_closed(); })) << agent_->log();
+    ASSERT_TRUE(intruder.mux().failure().has_value());
+    EXPECT_EQ(intruder.mux().failure()->code, ErrorCode::kAuth) << intruder.mux().failure()->to_string();
+    EXPECT_NE(intruder.mux().failure()->message.find("bad token"), std::string::npos);
+    EXPECT_FALSE(intruder.mux().ready());
+  }
+  ASSERT_TRUE(agent_->wait_log("(the peer sent none)")) << agent_->log();
+  const std::string log = agent_->log();
+  EXPECT_NE(log.find("transport peer unix peer pid "), std::string::npos) << log;
+  EXPECT_NE(log.find(" refused: bad token; it must send the token"), std::string::npos) << log;
+  EXPECT_EQ(log.find("replaces this one"), std::string::npos) << log;
+
+  first->send_text(kept, "and after");
+  first->mux().shutdown_write(kept);
+  ASSERT_TRUE(first->pump_until([&] { return first->stream(kept).closed; })) << agent_->log();
+  EXPECT_EQ(first->stream(kept).data, "before and after");
+  EXPECT_FALSE(first->transport_closed());
+  close(silent);
+  expect_clean_exit();
+}
+
+TEST_P(GuestAgent, UnixTransportWithoutTokenFileIsAConfigurationError) {
+  for (const auto& [flags, needle] : std::vector<std::pair<std::vector<std::string>, std::string>>{
+           {{}, "lets any process that reaches it use the bridge: pass --token-file PATH"},
+           {{"--token-file", dir_.file("open-token")},
+            "may be read by group or others (mode 0644); run chmod 600"},
+           {{"--token-file", dir_.file("short-token")}, "holds 5 bytes; a token is 16 to 256 bytes"},
+           {{"--token-file", dir_.file("absent")}, "No such file or directory"}}) {
+    write_file(dir_.file("open-token"), kToken, 0644);
+    write_file(dir_.file("short-token"), "short", 0600);
+    AgentProcess agent(dir_, flags, "unix:" + dir_.file("plain.sock"));
+    ASSERT_TRUE(wait_until([&] { return !agent.running(); }, kDeadline));
+    EXPECT_EQ(agent.stop(), 2);
+    EXPECT_NE(agent.log().find(needle), std::string::npos) << agent.log();
+  }
+}
+
+TEST_P(GuestAgent, InsecureNoTokenAcceptsAHostWithoutOne) {
+  start({"--insecure-no-token"});
+  HostPeer host(agent_->connect_host(), "");
+  expect_echo(host, "no token needed");
 }
 
 TEST_P(GuestAgent, GuestSocketErrorResetsOnlyThatStream) {

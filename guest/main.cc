@@ -9,6 +9,7 @@
 #include "guest/agent.h"
 #include "protocol/address.h"
 #include "protocol/log.h"
+#include "protocol/token_file.h"
 
 int main(int argc, char** argv) {
   using namespace vbridge;
@@ -28,6 +29,8 @@ int main(int argc, char** argv) {
   std::vector<std::string> reverse_unix;
   std::vector<std::string> shares;
   std::string log_level = "info";
+  std::string token_file;
+  bool insecure_no_token = false;
   double drain_seconds = 2.0;
   bool no_buffer_ring = false;
   size_t buffer_kib = 256;
@@ -38,6 +41,14 @@ int main(int argc, char** argv) {
          "serial:NAME or serial:/dev/virtio-ports/NAME (virtio-serial port, held open for the agent's "
          "life), unix:/path or tcp:HOST:PORT (tests, remote guests)")
       ->required();
+  app.add_option(
+      "--token-file", token_file,
+      "File holding the shared secret (16 to 256 bytes, mode 0600) that the host agent's HELLO must carry; "
+      "give vbridge-host the same file. Required with unix: and tcp: transports, where any local process "
+      "could otherwise connect");
+  app.add_flag("--insecure-no-token", insecure_no_token,
+               "Accept host connections on a unix: or tcp: transport without a token (anyone who can reach "
+               "the socket can use the bridge)");
   app.add_option("--docker-socket", docker_socket,
                  "Guest Docker API socket that the host's \"docker\" target reaches")
       ->capture_default_str();
@@ -106,6 +117,21 @@ int main(int argc, char** argv) {
     return 2;
   }
   config.listen = *address;
+  if (!token_file.empty()) {
+    auto token = read_token_file(token_file);
+    if (!token) {
+      log::error("{}", token.error().message);
+      return 2;
+    }
+    config.token = std::move(*token);
+  } else if ((address->kind == Address::Kind::kUnix || address->kind == Address::Kind::kTcp) &&
+             !insecure_no_token) {
+    log::error(
+        "--listen {} lets any process that reaches it use the bridge: pass --token-file PATH (a 0600 file of "
+        "16+ random bytes, also given to vbridge-host --token-file) or --insecure-no-token",
+        address->to_string());
+    return 2;
+  }
   config.targets.docker_socket = docker_socket;
   for (const auto& text : forwards) {
     auto forward = guest::parse_forward(text);

@@ -265,6 +265,17 @@ void Session::on_transport_write(int res) {
 
 void Session::feed(const Slice& bytes) {
   if (Status st = mux_.feed(bytes); !st) {
+    if (st.error().code == ErrorCode::kAuth) {
+      // Nothing else was sent on this connection yet (our HELLO answers only a good one): the refusal goes
+      // out in one small nonblocking write, so the host can name the problem.
+      const auto refusal = encode_refusal(st.error().message);
+      (void)!::send(fd_, refusal.data(), refusal.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+      ++env_.counters.peers_refused;
+      log::warn("transport peer {} refused: {}; it must send the token of this agent's --token-file", peer_,
+                st.error().message);
+      close("refused", log::Level::kDebug);
+      return;
+    }
     // On a serial port the failing bytes may hold a reconnected host's HELLO: the next session starts from
     // them.
     if (kind_ == TransportKind::kSerial) leftover_ = bytes;

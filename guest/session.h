@@ -49,7 +49,7 @@ namespace vbridge::guest {
 struct GuestCounters {
   uint64_t host_connections = 0;  // host connections served
   uint64_t host_failures = 0;     // host connections ended by a protocol or transport error
-  uint64_t peers_refused = 0;     // vsock peers other than the host
+  uint64_t peers_refused = 0;     // vsock peers other than the host; peers with a bad token
   uint64_t accept_errors = 0;     // accept on the transport listener failed
   uint64_t serial_errors = 0;     // reads on the serial port failed (not EOF)
   uint64_t streams_opened = 0;    // OPENs whose guest socket connected

@@ -138,7 +138,24 @@ void Agent::on_session_ready(const Hello& peer) {
 
 void Agent::on_session_lost(const Error& error) {
   if (error.code == ErrorCode::kProtocol || error.code == ErrorCode::kVersion) ++counters_.protocol_errors;
-  log::warn("lost the guest agent at {}: {}", config_.transport.to_string(), error.to_string());
+  if (error.code == ErrorCode::kAuth) {
+    ++counters_.auth_failures;
+    const std::string message =
+        config_.token_file.empty()
+            ? fmt::format(
+                  "guest agent at {} refused this host agent ({}): it requires a token; pass "
+                  "--token-file with the file the guest agent was given",
+                  config_.transport.to_string(), error.message)
+            : fmt::format(
+                  "guest agent at {} refused the token of --token-file {} ({}): give both agents the "
+                  "same token file",
+                  config_.transport.to_string(), config_.token_file, error.message);
+    // Retried with backoff like any other failure; said again only if it changes.
+    if (message != last_error_) log::error("{}; retrying", message);
+    last_error_ = message;
+  } else {
+    log::warn("lost the guest agent at {}: {}", config_.transport.to_string(), error.to_string());
+  }
   ready_ = false;
   disconnected_since_ = Clock::now();
   ++counters_.reconnects;
@@ -252,6 +269,7 @@ std::string Agent::status_json() const {
                 {"reconnects", counters_.reconnects},
                 {"dial_failures", counters_.dial_failures},
                 {"protocol_errors", counters_.protocol_errors},
+                {"auth_failures", counters_.auth_failures},
                 {"clients_accepted", counters_.clients_accepted},
                 {"clients_failed", counters_.clients_failed},
                 {"clients_open", bridges_.size()},

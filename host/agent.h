@@ -46,7 +46,8 @@ struct AgentConfig {
   std::vector<UnixForward> unix_forwards;
   std::vector<file_watch::Share> shares;            // host folders whose changes are replayed in the guest
   std::map<std::string, std::string> exposed_unix;  // NAME → host socket path the guest may open
-  MuxConfig mux;
+  MuxConfig mux;                                    // mux.hello_token: the --token-file token sent in HELLO
+  std::string token_file;                           // where the token came from, for error messages
   int connect_timeout_ms = 2000;
   int pending_timeout_ms = 5000;  // how long a client waits for the transport before an error
   int keepalive_ms = 5000;        // PING period; 3 unanswered pings mean the guest is gone
@@ -54,7 +55,7 @@ struct AgentConfig {
 };
 
 struct AgentCounters {
-  uint64_t sessions = 0, reconnects = 0, dial_failures = 0, protocol_errors = 0;
+  uint64_t sessions = 0, reconnects = 0, dial_failures = 0, protocol_errors = 0, auth_failures = 0;
   uint64_t clients_accepted = 0, clients_failed = 0;
 };
 

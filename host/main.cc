@@ -13,6 +13,7 @@
 #include "host/agent.h"
 #include "host/docker_context.h"
 #include "protocol/log.h"
+#include "protocol/token_file.h"
 
 namespace {
 
@@ -74,6 +75,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> exposed;
   std::string status_sock;
   std::string log_level = "info";
+  std::string token_file;
   uint32_t window_kib = 4096;
   int keepalive_ms = 5000;
   bool serial_chardev = false;
@@ -91,6 +93,9 @@ int main(int argc, char** argv) {
          "(Firecracker/cloud-hypervisor hybrid vsock; with QEMU virtio-serial, the chardev socket as "
          "unix:/path)")
       ->required();
+  app.add_option("--token-file", token_file,
+                 "File holding the shared secret the guest agent requires on unix: and tcp: transports (the "
+                 "same file as vbridge-guest --token-file; mode 0600)");
   app.add_option("-i,--instance", instance, "Instance name; keeps several VMs' sockets apart")
       ->capture_default_str();
   app.add_option("--runtime-dir", runtime_dir,
@@ -174,6 +179,19 @@ int main(int argc, char** argv) {
   config.keepalive_ms = keepalive_ms;
   config.mux.initial_window = window_kib * 1024;
   config.mux.resync = serial_chardev;
+  if (!token_file.empty()) {
+    if (serial_chardev) {
+      log::error("--token-file is not used with --serial-chardev: the virtio-serial port is the VM's own");
+      return 2;
+    }
+    auto token = read_token_file(token_file);
+    if (!token) {
+      log::error("{}", token.error().message);
+      return 2;
+    }
+    config.mux.hello_token = std::move(*token);
+    config.token_file = token_file;
+  }
   for (const std::string& share : shares) {
     const size_t eq = share.find('=');
     if (eq == std::string::npos || eq == 0 || eq + 1 == share.size()) {

@@ -2,6 +2,9 @@
 
 #include <fmt/format.h>
 
+#include <cerrno>
+#include <cstring>
+
 namespace vbridge {
 
 const char* frame_type_name(FrameType type) {
@@ -43,8 +46,8 @@ Result<FrameHeader> decode_header(const std::byte* in) {
   return h;
 }
 
-std::array<std::byte, kHelloPayloadSize> encode_hello(const Hello& hello) {
-  std::array<std::byte, kHelloPayloadSize> out{};
+std::vector<std::byte> encode_hello(const Hello& hello) {
+  std::vector<std::byte> out(kHelloPayloadSize + hello.token.size());
   store_u32(out.data(), kHelloMagic);
   out[4] = std::byte(hello.version & 0xff);
   out[5] = std::byte(hello.version >> 8);
@@ -52,7 +55,24 @@ std::array<std::byte, kHelloPayloadSize> encode_hello(const Hello& hello) {
   store_u32(out.data() + 16, hello.max_frame);
   store_u32(out.data() + 20, hello.initial_window);
   store_u32(out.data() + 24, hello.max_streams);
+  std::memcpy(out.data() + kHelloPayloadSize, hello.token.data(), hello.token.size());
   return out;
+}
+
+std::vector<std::byte> encode_refusal(const std::string& message) {
+  const std::string text = message.substr(0, 512);
+  std::vector<std::byte> out(kFrameHeaderSize + 4 + text.size());
+  encode_header(FrameHeader{static_cast<uint32_t>(4 + text.size()), 0, FrameType::kRst, 0}, out.data());
+  store_u32(out.data() + kFrameHeaderSize, EACCES);
+  std::memcpy(out.data() + kFrameHeaderSize + 4, text.data(), text.size());
+  return out;
+}
+
+bool tokens_equal(std::string_view a, std::string_view b) {
+  if (a.size() != b.size()) return false;
+  unsigned char diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
+  return diff == 0;
 }
 
 Result<Hello> decode_hello(std::span<const std::byte> payload) {
@@ -69,14 +89,17 @@ Result<Hello> decode_hello(std::span<const std::byte> payload) {
                              "vbridge release on host and guest",
                              h.version, kProtocolVersion)};
   }
-  if (payload.size() != kHelloPayloadSize) {
+  if (payload.size() < kHelloPayloadSize || payload.size() > kHelloPayloadSize + kMaxTokenSize) {
     return Error{ErrorCode::kProtocol, 0,
-                 fmt::format("HELLO payload is {} bytes, expected {}", payload.size(), kHelloPayloadSize)};
+                 fmt::format("HELLO payload is {} bytes, expected {} to {}", payload.size(),
+                             kHelloPayloadSize, kHelloPayloadSize + kMaxTokenSize)};
   }
   h.features = load_u64(payload.data() + 8);
   h.max_frame = load_u32(payload.data() + 16);
   h.initial_window = load_u32(payload.data() + 20);
   h.max_streams = load_u32(payload.data() + 24);
+  h.token.assign(reinterpret_cast<const char*>(payload.data()) + kHelloPayloadSize,
+                 payload.size() - kHelloPayloadSize);
   if (h.max_frame < 1024 || h.initial_window < 1024 || h.max_streams == 0) {
     return Error{ErrorCode::kProtocol, 0,
                  fmt::format("HELLO has unusable limits (max_frame {}, window {}, max_streams {})",

@@ -14,6 +14,8 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
+#include <vector>
 
 #include "protocol/result.h"
 
@@ -64,10 +66,20 @@ struct Hello {
   uint32_t max_frame = 0;       // largest payload this side accepts
   uint32_t initial_window = 0;  // credit each new stream starts with, in bytes
   uint32_t max_streams = 0;     // concurrent streams this side accepts
+  // The shared secret of --token-file (unix and TCP transports): the bytes after the fixed 32, empty when
+  // none. The host sends it; a guest that requires one answers only a HELLO carrying the same token.
+  std::string token;
 };
 inline constexpr size_t kHelloPayloadSize = 32;
+inline constexpr size_t kMinTokenSize = 16;
+inline constexpr size_t kMaxTokenSize = 256;
 
-std::array<std::byte, kHelloPayloadSize> encode_hello(const Hello& hello);
+// A token-protected acceptor refuses a HELLO by answering with an RST on stream 0 (u32 code | message)
+// instead of its own HELLO; the connecting side reports it as ErrorCode::kAuth.
+std::vector<std::byte> encode_refusal(const std::string& message);
+
+// 32 bytes, followed by the token if there is one.
+std::vector<std::byte> encode_hello(const Hello& hello);
 Result<Hello> decode_hello(std::span<const std::byte> payload);
 
 inline void store_u32(std::byte* out, uint32_t v) {
@@ -86,6 +98,9 @@ inline uint64_t load_u64(const std::byte* in) {
   for (int i = 0; i < 8; ++i) v |= uint64_t(in[i]) << (8 * i);
   return v;
 }
+
+// Compares two tokens in time that depends only on their lengths.
+bool tokens_equal(std::string_view a, std::string_view b);
 
 // Printable rendering of the first bytes a peer sent, for "this is not a vbridge peer" errors.
 std::string printable_prefix(std::span<const std::byte> bytes, size_t max = 16);

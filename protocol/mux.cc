@@ -65,7 +65,7 @@ Mux::Mux(Role role, MuxHandler& handler, MuxConfig config)
     marker.header.fill(std::byte{0xff});
     return;
   }
-  queue_hello();
+  if (config_.expect_token.empty()) queue_hello();
 }
 
 Mux::~Mux() = default;
@@ -76,8 +76,9 @@ void Mux::queue_hello() {
   hello.max_frame = config_.max_frame;
   hello.initial_window = config_.initial_window;
   hello.max_streams = config_.max_streams;
+  hello.token = config_.hello_token;
   const auto payload = encode_hello(hello);
-  OutFrame& f = queue_frame(FrameType::kHello, 0, kHelloPayloadSize);
+  OutFrame& f = queue_frame(FrameType::kHello, 0, static_cast<uint32_t>(payload.size()));
   f.owned.assign(payload.begin(), payload.end());
 }
 
@@ -186,8 +187,11 @@ Status Mux::on_frame_header() {
   if (!peer_) {
     // The first frame must be HELLO: anything else is another protocol on the line.
     const auto raw = decode_header(header_buf_.data());
-    if (!raw.ok() || raw->type != FrameType::kHello || raw->length > kMaxHelloPayload ||
-        raw->stream_id != 0) {
+    // An RST on stream 0 instead of HELLO: the acceptor refused our HELLO (encode_refusal).
+    const bool refusal = raw.ok() && raw->type == FrameType::kRst && raw->stream_id == 0 &&
+                         raw->length >= 4 && raw->length <= 4 + kMaxRstMessage;
+    if (!refusal && (!raw.ok() || raw->type != FrameType::kHello || raw->length > kMaxHelloPayload ||
+                     raw->stream_id != 0)) {
       return Error{ErrorCode::kProtocol, 0,
                    fmt::format("peer is not a vbridge agent (it sent \"{}\"); check the transport address",
                                printable_prefix(header_buf_))};
@@ -261,8 +265,14 @@ Status Mux::on_frame_payload(std::span<const std::byte> payload) {
     case FrameType::kHello: {
       auto hello = decode_hello(payload);
       if (!hello) return hello.error();
+      if (!config_.expect_token.empty() && !tokens_equal(hello->token, config_.expect_token)) {
+        return Error{ErrorCode::kAuth, EACCES,
+                     hello->token.empty() ? "bad token (the peer sent none)" : "bad token"};
+      }
+      hello->token.clear();
       peer_ = *hello;
-      if (config_.serial_acceptor) queue_hello();  // the answer to the peer's HELLO
+      // The answer to the peer's HELLO.
+      if (config_.serial_acceptor || !config_.expect_token.empty()) queue_hello();
       // Streams opened before the HELLO arrived started with the minimum credit; top them up.
       for (auto& [id, s] : streams_) s->send_credit += peer_->initial_window - kCreditBeforeHello;
       handler_.on_ready(*peer_);
@@ -294,6 +304,10 @@ Status Mux::on_frame_payload(std::span<const std::byte> payload) {
       return {};
     }
     case FrameType::kRst: {
+      if (!peer_) {
+        return Error{ErrorCode::kAuth, 0,
+                     "peer refused the handshake: " + printable_prefix(payload.subspan(4), kMaxRstMessage)};
+      }
       Stream* s = find(h.stream_id);
       if (s == nullptr) return {};
       const uint32_t code = load_u32(payload.data());

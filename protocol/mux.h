@@ -50,6 +50,12 @@ struct MuxConfig {
   // still inside an old session fails at once and reconnects, and send HELLO only in answer to the peer's,
   // so the HELLO reaches the peer's new session rather than the old one.
   bool serial_acceptor = false;
+  // Token authentication (unix and TCP transports, --token-file). The connecting side sends `hello_token`
+  // in its HELLO. An accepting side with `expect_token` sends its own HELLO only in answer to a HELLO that
+  // carries the same token; any other HELLO fails the handshake with ErrorCode::kAuth, and the caller
+  // answers with encode_refusal() before closing. A refusal is reported to the connecting side as kAuth.
+  std::string hello_token;
+  std::string expect_token;
 };
 
 // The lifecycle of one stream. Half-close is tracked by two flags beside it (fin_sent, fin_received).

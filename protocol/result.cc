@@ -15,6 +15,7 @@ const char* error_code_name(ErrorCode code) {
     case ErrorCode::kIo: return "I/O error";
     case ErrorCode::kGoingAway: return "going away";
     case ErrorCode::kConfig: return "configuration error";
+    case ErrorCode::kAuth: return "authentication failed";
   }
   return "unknown error";
 }

@@ -19,6 +19,7 @@ enum class ErrorCode : uint8_t {
   kIo,           // a syscall failed; errno_value says which
   kGoingAway,    // the connection is draining
   kConfig,       // bad configuration
+  kAuth,         // the peer's token did not match (or our token was refused)
 };
 
 const char* error_code_name(ErrorCode code);
