@@ -456,13 +456,17 @@ class VbridgePath(Path):
         tmp = self.env.tmp / f"vbridge-{self.family}"
         tmp.mkdir(exist_ok=True)
         transport = tmp / "transport.sock"
+        token = tmp / "token"
+        token.unlink(missing_ok=True)
+        token.touch(mode=0o600)
+        token.write_text(os.urandom(32).hex())
         server_unix = self.env.server_unix.removeprefix("unix:")
         guest = [str(self._find("vbridge-guest")), "--listen", f"unix:{transport}", "--log-level", "warn",
-                 "--allow-unix", server_unix, "--allow-ports"]
+                 "--token-file", str(token), "--allow-unix", server_unix, "--allow-ports"]
         self._spawn(guest, f"vbridge-guest-{self.family}.log")
         wait_until(lambda: transport.exists(), 10, "vbridge-guest to listen")
         host = [str(self._find("vbridge-host")), "--transport", f"unix:{transport}", "--runtime-dir", str(tmp / "rt"),
-                "--no-docker", "--no-follow-ports", "--log-level", "warn"]
+                "--no-docker", "--no-follow-ports", "--log-level", "warn", "--token-file", str(token)]
         if self.family == "unix":
             client = tmp / "client.sock"
             host += ["--forward-unix", f"{client}={server_unix}"]
