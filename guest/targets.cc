@@ -9,6 +9,8 @@
 #include <cerrno>
 #include <cstring>
 
+#include "protocol/frame.h"
+
 namespace vbridge::guest {
 namespace {
 
@@ -120,7 +122,9 @@ Result<TargetPolicy> TargetPolicy::create(TargetConfig config) {
 
 std::string TargetPolicy::describe(const wire::TargetT& target) {
   switch (target.proto) {
-    case wire::Proto::Unix: return target.path.empty() ? std::string("(empty path)") : target.path;
+    case wire::Proto::Unix:
+      return target.path.empty() ? std::string("(empty path)")
+                                 : printable_prefix(std::as_bytes(std::span(target.path)), 64);
     case wire::Proto::Tcp:
       return target.host.empty() ? fmt::format("tcp:{}", target.port)
                                  : fmt::format("tcp:{}:{}", target.host, target.port);
@@ -152,6 +156,13 @@ bool TargetPolicy::is_configured_path(const std::string& path) const {
 
 Result<DialPlan> TargetPolicy::resolve_unix(const std::string& path) const {
   if (path.empty()) return refused(EINVAL, "OPEN names no target path");
+  // Nothing configured is longer than a socket path or holds a NUL, and a hostile host's bytes are not
+  // echoed back or logged whole.
+  if (path.size() > kMaxUnixPath || path.find('\0') != std::string::npos) {
+    return refused(EACCES, fmt::format("target \"{}\" ({} bytes) is neither a forward name nor a socket path "
+                                       "the guest agent allows",
+                                       printable_prefix(std::as_bytes(std::span(path)), 64), path.size()));
+  }
   std::string resolved;
   if (is_name(path)) {
     if (path == "docker") {

@@ -1,0 +1,678 @@
+// vbridge-hostile: plays a misbehaving host against a live guest agent.
+//
+// It connects to the guest agent's transport (unix: or tcp:, with the --token-file token) as a host would,
+// completes a proper HELLO, opens one good stream to an echo target the guest's policy allows and checks it
+// echoes, then sends one malformed or forbidden input per case. Frames are written by hand, not through the
+// Mux, so any byte can be wrong.
+//
+//   stream-level cases   the agent answers OPEN_FAIL (or ignores what concerns no live stream) and the good
+//                        stream keeps echoing on the same connection
+//   connection cases     the agent drops that transport connection (and logs one line saying why); the tool
+//                        reconnects and checks that a fresh session echoes
+//
+// One line per case: name, what the agent did, PASS or FAIL. Exit status 1 if any case failed, 2 on a usage
+// or setup error (the agent cannot be reached, the good stream never echoed).
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "protocol/address.h"
+#include "protocol/control_generated.h"
+#include "protocol/frame.h"
+#include "protocol/token_file.h"
+
+namespace vbridge::hostile {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+constexpr StreamId kGood = 1;  // the echo stream of every session
+constexpr auto kWait = milliseconds(5000);
+constexpr uint32_t kOurWindow = 4u << 20;
+
+struct Options {
+  Address transport;
+  std::string token;
+  std::string echo_target = "echo";
+  std::string stall_target;  // a guest socket that accepts and never reads (for DATA beyond the window)
+  std::string share;         // a share the guest replays file events for
+  int ping_flood = 2000;
+};
+
+// Printable ASCII as is, other bytes as \xNN, at most `max` bytes shown.
+std::string shown(const std::string& text, size_t max = 100) {
+  std::string out;
+  for (size_t i = 0; i < text.size() && i < max; ++i) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    out += c >= 0x20 && c < 0x7f ? std::string(1, static_cast<char>(c)) : fmt::format("\\x{:02x}", c);
+  }
+  return text.size() > max ? out + "..." : out;
+}
+
+std::string bytes_of(const void* p, size_t n) { return std::string(static_cast<const char*>(p), n); }
+
+std::string frame(FrameType type, StreamId id, const std::string& payload, uint32_t length_override = 0,
+                  uint8_t raw_type = 0xff) {
+  std::string out(kFrameHeaderSize, '\0');
+  encode_header(FrameHeader{length_override != 0 ? length_override : static_cast<uint32_t>(payload.size()),
+                            id, type, 0},
+                reinterpret_cast<std::byte*>(out.data()));
+  if (raw_type != 0xff) out[8] = static_cast<char>(raw_type);
+  return out + payload;
+}
+
+std::string control(const flatbuffers::FlatBufferBuilder& b) {
+  return bytes_of(b.GetBufferPointer(), b.GetSize());
+}
+
+std::string open_payload(wire::Proto proto, const std::string& path, uint16_t port = 0) {
+  flatbuffers::FlatBufferBuilder b(256);
+  wire::TargetT t;
+  t.proto = proto;
+  t.path = path;
+  t.port = port;
+  const auto target = wire::Target::Pack(b, &t);
+  b.Finish(wire::CreateControl(b, wire::Message::Open, wire::CreateOpen(b, target).Union()));
+  return control(b);
+}
+
+std::string u32(uint32_t v) {
+  std::string out(4, '\0');
+  store_u32(reinterpret_cast<std::byte*>(out.data()), v);
+  return out;
+}
+
+std::string hello(const std::string& token) {
+  Hello h;
+  h.max_frame = 256 * 1024;
+  h.initial_window = kOurWindow;
+  h.max_streams = 1024;
+  h.features = kFeaturePorts | kFeatureFileEvents | kFeatureUdp;
+  h.token = token;
+  const auto p = encode_hello(h);
+  return frame(FrameType::kHello, 0, bytes_of(p.data(), p.size()));
+}
+
+struct StreamLog {
+  bool open_ok = false;
+  std::optional<std::pair<int, std::string>> open_fail;
+  std::optional<std::string> rst;
+  bool fin = false;
+  std::string data;
+  uint64_t unacked = 0;
+};
+
+// One transport connection, played as a host.
+class Conn {
+ public:
+  ~Conn() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+
+  static std::unique_ptr<Conn> dial(const Address& a, std::string* error) {
+    auto c = std::make_unique<Conn>();
+    if (a.kind == Address::Kind::kUnix) {
+      c->fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      sockaddr_un sun{};
+      sun.sun_family = AF_UNIX;
+      std::strncpy(sun.sun_path, a.path.c_str(), sizeof(sun.sun_path) - 1);
+      if (::connect(c->fd_, reinterpret_cast<sockaddr*>(&sun), sizeof sun) != 0) {
+        *error = fmt::format("connect {}: {}", a.to_string(), std::strerror(errno));
+        return nullptr;
+      }
+    } else if (a.kind == Address::Kind::kTcp) {
+      addrinfo hints{};
+      hints.ai_socktype = SOCK_STREAM;
+      addrinfo* found = nullptr;
+      if (getaddrinfo(a.path.c_str(), std::to_string(a.port).c_str(), &hints, &found) != 0 ||
+          found == nullptr) {
+        *error = fmt::format("cannot resolve {}", a.to_string());
+        return nullptr;
+      }
+      c->fd_ = ::socket(found->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      const int rc = ::connect(c->fd_, found->ai_addr, found->ai_addrlen);
+      freeaddrinfo(found);
+      if (rc != 0) {
+        *error = fmt::format("connect {}: {}", a.to_string(), std::strerror(errno));
+        return nullptr;
+      }
+      const int one = 1;
+      ::setsockopt(c->fd_, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    } else {
+      *error = "vbridge-hostile speaks unix: and tcp: transports only";
+      return nullptr;
+    }
+    ::fcntl(c->fd_, F_SETFL, O_NONBLOCK);
+    return c;
+  }
+
+  // Queues bytes and writes what the socket takes; the rest goes out while pumping.
+  void send(const std::string& bytes) {
+    out_ += bytes;
+    flush();
+  }
+  // Closes our write side after what is queued (a truncated frame, then nothing more).
+  void close_now() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+    closed_ = true;
+  }
+
+  bool wait(const std::function<bool()>& done, milliseconds timeout = kWait) {
+    const auto deadline = Clock::now() + timeout;
+    while (!done()) {
+      if (Clock::now() >= deadline) return false;
+      pump(20);
+    }
+    return true;
+  }
+  // Reads and handles whatever arrives for `ms`.
+  void settle(milliseconds ms) {
+    const auto until = Clock::now() + ms;
+    while (Clock::now() < until && !closed_) pump(10);
+  }
+
+  bool closed() const { return closed_; }
+  const std::string& close_reason() const { return close_reason_; }
+  const std::optional<Hello>& peer() const { return peer_; }
+  StreamLog& stream(StreamId id) { return streams_[id]; }
+  uint64_t pongs() const { return pongs_; }
+  std::string peer_error() const { return peer_error_; }
+
+ private:
+  void flush() {
+    while (fd_ >= 0 && !out_.empty()) {
+      const ssize_t n = ::send(fd_, out_.data(), out_.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+      if (n > 0) {
+        out_.erase(0, static_cast<size_t>(n));
+        continue;
+      }
+      if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
+      mark_closed(fmt::format("write failed: {}", std::strerror(errno)));
+      return;
+    }
+  }
+
+  void mark_closed(const std::string& why) {
+    if (closed_) return;
+    closed_ = true;
+    close_reason_ = why;
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+  void pump(int timeout_ms) {
+    if (fd_ < 0) return;
+    pollfd p{fd_, static_cast<short>(POLLIN | (out_.empty() ? 0 : POLLOUT)), 0};
+    if (::poll(&p, 1, timeout_ms) <= 0) return;
+    if ((p.revents & POLLOUT) != 0) flush();
+    if ((p.revents & (POLLIN | POLLHUP | POLLERR)) == 0 || fd_ < 0) return;
+    char buf[65536];
+    const ssize_t n = ::recv(fd_, buf, sizeof buf, MSG_DONTWAIT);
+    if (n > 0) {
+      in_.append(buf, static_cast<size_t>(n));
+      parse();
+    } else if (n == 0) {
+      mark_closed("the agent closed the connection");
+    } else if (errno != EAGAIN && errno != EINTR) {
+      mark_closed(fmt::format("the agent reset the connection ({})", std::strerror(errno)));
+    }
+  }
+
+  void parse() {
+    while (in_.size() >= kFrameHeaderSize) {
+      const auto* p = reinterpret_cast<const std::byte*>(in_.data());
+      auto h = decode_header(p);
+      if (!h) {
+        mark_closed("the agent sent a malformed frame: " + h.error().message);
+        return;
+      }
+      if (in_.size() < kFrameHeaderSize + h->length) return;
+      const std::string payload = in_.substr(kFrameHeaderSize, h->length);
+      in_.erase(0, kFrameHeaderSize + h->length);
+      handle(*h, payload);
+    }
+  }
+
+  void handle(const FrameHeader& h, const std::string& payload) {
+    const auto bytes = std::as_bytes(std::span(payload));
+    switch (h.type) {
+      case FrameType::kHello: {
+        auto got = decode_hello(bytes);
+        if (got) peer_ = *got;
+        return;
+      }
+      case FrameType::kData: {
+        StreamLog& s = streams_[h.stream_id];
+        s.data += payload;
+        s.unacked += payload.size();
+        if (s.unacked >= kOurWindow / 4) {
+          send(frame(FrameType::kWindowUpdate, h.stream_id, u32(static_cast<uint32_t>(s.unacked))));
+          s.unacked = 0;
+        }
+        return;
+      }
+      case FrameType::kControl: {
+        flatbuffers::Verifier v(reinterpret_cast<const uint8_t*>(payload.data()), payload.size());
+        if (!wire::VerifyControlBuffer(v)) return;
+        const auto* c = wire::GetControl(payload.data());
+        if (c->message_type() == wire::Message::OpenOk) streams_[h.stream_id].open_ok = true;
+        if (const auto* f = c->message_as_OpenFail()) {
+          streams_[h.stream_id].open_fail = {f->errno_value(), f->message() ? f->message()->str() : ""};
+        }
+        if (const auto* g = c->message_as_GoAway()) peer_error_ = g->message() ? g->message()->str() : "";
+        return;
+      }
+      case FrameType::kFin: streams_[h.stream_id].fin = true; return;
+      case FrameType::kRst:
+        if (h.stream_id == 0) {
+          peer_error_ = payload.size() > 4 ? payload.substr(4) : "";
+        } else {
+          streams_[h.stream_id].rst = payload.size() > 4 ? payload.substr(4) : "";
+        }
+        return;
+      case FrameType::kPing: send(frame(FrameType::kPong, 0, payload)); return;
+      case FrameType::kPong: ++pongs_; return;
+      case FrameType::kWindowUpdate: return;
+    }
+  }
+
+  int fd_ = -1;
+  std::string in_, out_;
+  bool closed_ = false;
+  std::string close_reason_;
+  std::string peer_error_;
+  std::optional<Hello> peer_;
+  std::map<StreamId, StreamLog> streams_;
+  uint64_t pongs_ = 0;
+};
+
+// A connection past HELLO with the good stream open and echoing.
+class Tester {
+ public:
+  explicit Tester(Options options) : options_(std::move(options)) {}
+
+  // Connects, says HELLO, opens the good stream and checks one echo.
+  bool fresh_session(std::string* error) {
+    conn_ = Conn::dial(options_.transport, error);
+    if (!conn_) return false;
+    conn_->send(hello(options_.token));
+    if (!conn_->wait([&] { return conn_->peer().has_value() || conn_->closed(); }) || !conn_->peer()) {
+      *error =
+          fmt::format("no HELLO from the agent ({}{})", conn_->closed() ? conn_->close_reason() : "timeout",
+                      conn_->peer_error().empty() ? "" : ": " + conn_->peer_error());
+      return false;
+    }
+    next_id_ = kGood + 2;
+    probes_ = 0;
+    expected_.clear();
+    conn_->send(frame(FrameType::kControl, kGood, open_payload(wire::Proto::Unix, options_.echo_target)));
+    if (!conn_->wait([&] { return conn_->stream(kGood).open_ok || conn_->stream(kGood).open_fail; }) ||
+        !conn_->stream(kGood).open_ok) {
+      *error =
+          fmt::format("the echo target \"{}\" did not open{}", options_.echo_target,
+                      conn_->stream(kGood).open_fail ? ": " + conn_->stream(kGood).open_fail->second : "");
+      return false;
+    }
+    if (!echoes()) {
+      *error = "the good stream does not echo";
+      return false;
+    }
+    return true;
+  }
+
+  // Sends a probe on the good stream and waits for it to come back.
+  bool echoes() {
+    if (conn_->closed()) return false;
+    const std::string probe = fmt::format("probe {}\n", ++probes_);
+    expected_ += probe;
+    conn_->send(frame(FrameType::kData, kGood, probe));
+    return conn_->wait([&] {
+      return conn_->closed() || conn_->stream(kGood).data.size() >= expected_.size();
+    }) && conn_->stream(kGood).data == expected_;
+  }
+
+  StreamId new_id() {
+    const StreamId id = next_id_;
+    next_id_ += 2;
+    return id;
+  }
+  Conn& conn() { return *conn_; }
+  const Options& options() const { return options_; }
+
+ private:
+  Options options_;
+  std::unique_ptr<Conn> conn_;
+  StreamId next_id_ = 3;
+  int probes_ = 0;
+  std::string expected_;
+};
+
+enum class Expect { kKept, kDropped };
+
+struct Case {
+  const char* name;
+  Expect expect;
+  // Sends the bad input; for kKept cases returns what the agent did ("" when it did something wrong, with
+  // `*bad` explaining).
+  std::function<std::string(Tester&, std::string* bad)> run;
+  bool (*enabled)(const Options&) = nullptr;
+};
+
+// Waits for an OPEN_FAIL on `id`.
+std::string expect_open_fail(Tester& t, StreamId id, std::string* bad) {
+  Conn& c = t.conn();
+  c.wait([&] { return c.closed() || c.stream(id).open_fail || c.stream(id).open_ok; });
+  if (c.stream(id).open_fail) {
+    const std::string& m = c.stream(id).open_fail->second;
+    return fmt::format("OPEN_FAIL errno {} \"{}\"", c.stream(id).open_fail->first, shown(m));
+  }
+  *bad = c.stream(id).open_ok
+             ? "the agent accepted the OPEN"
+             : (c.closed() ? "the agent dropped the connection instead of refusing the stream"
+                           : "no answer to the OPEN");
+  return "";
+}
+
+std::vector<Case> cases() {
+  std::vector<Case> all;
+  // ---- stream-level: refused or ignored, the connection and the good stream carry on ----
+  all.push_back({"open-forbidden-unix", Expect::kKept, [](Tester& t, std::string* bad) {
+                   const StreamId id = t.new_id();
+                   t.conn().send(
+                       frame(FrameType::kControl, id, open_payload(wire::Proto::Unix, "/etc/shadow")));
+                   return expect_open_fail(t, id, bad);
+                 }});
+  all.push_back({"open-forbidden-port", Expect::kKept, [](Tester& t, std::string* bad) {
+                   const StreamId id = t.new_id();
+                   t.conn().send(frame(FrameType::kControl, id, open_payload(wire::Proto::Tcp, "", 1)));
+                   return expect_open_fail(t, id, bad);
+                 }});
+  all.push_back({"open-overlong-target", Expect::kKept, [](Tester& t, std::string* bad) {
+                   const StreamId id = t.new_id();
+                   t.conn().send(frame(FrameType::kControl, id,
+                                       open_payload(wire::Proto::Unix, "/" + std::string(4000, 'a'))));
+                   return expect_open_fail(t, id, bad);
+                 }});
+  all.push_back({"open-non-utf8-target", Expect::kKept, [](Tester& t, std::string* bad) {
+                   const StreamId id = t.new_id();
+                   t.conn().send(frame(FrameType::kControl, id,
+                                       open_payload(wire::Proto::Unix, "/tmp/\xff\xfe\xc0.sock")));
+                   return expect_open_fail(t, id, bad);
+                 }});
+  all.push_back({"open-nul-in-target", Expect::kKept, [](Tester& t, std::string* bad) {
+                   const StreamId id = t.new_id();
+                   // The echo target's name with a NUL and more after it: not the same name.
+                   t.conn().send(frame(
+                       FrameType::kControl, id,
+                       open_payload(wire::Proto::Unix, t.options().echo_target + std::string("\0/../x", 6))));
+                   return expect_open_fail(t, id, bad);
+                 }});
+  all.push_back({"open-traversal-target", Expect::kKept, [](Tester& t, std::string* bad) {
+                   const StreamId id = t.new_id();
+                   t.conn().send(
+                       frame(FrameType::kControl, id, open_payload(wire::Proto::Unix, "/tmp/../etc/x.sock")));
+                   return expect_open_fail(t, id, bad);
+                 }});
+  all.push_back({"rst-unknown-stream", Expect::kKept, [](Tester& t, std::string*) {
+                   t.conn().send(frame(FrameType::kRst, 999999, u32(0) + "no such stream"));
+                   t.conn().settle(milliseconds(100));
+                   return std::string("ignored it");
+                 }});
+  all.push_back({"ports-from-host", Expect::kKept, [](Tester& t, std::string*) {
+                   flatbuffers::FlatBufferBuilder b(256);
+                   std::vector<flatbuffers::Offset<wire::Listener>> ls{wire::CreateListener(
+                       b, wire::Proto::Tcp, wire::Family::Inet4, b.CreateString("../\0\xff", 5), 0)};
+                   b.Finish(wire::CreateControl(b, wire::Message::Ports,
+                                                wire::CreatePorts(b, b.CreateVector(ls), {}, true).Union()));
+                   t.conn().send(frame(FrameType::kControl, 0, control(b)));
+                   t.conn().settle(milliseconds(100));
+                   return std::string("ignored it");
+                 }});
+  all.push_back({"file-events-bad-paths", Expect::kKept,
+                 [](Tester& t, std::string*) {
+                   flatbuffers::FlatBufferBuilder b(1024);
+                   std::vector<flatbuffers::Offset<wire::FileEvent>> events;
+                   for (const std::string& p : {std::string("../escape"), std::string("/etc/passwd"),
+                                                std::string("a\0b", 3), std::string("x/../../y")}) {
+                     events.push_back(
+                         wire::CreateFileEvent(b, wire::FileEventKind::Modify, b.CreateString(p)));
+                   }
+                   events.push_back(wire::CreateFileEvent(b, wire::FileEventKind::Rename,
+                                                          b.CreateString("ok"), b.CreateString("../../old")));
+                   b.Finish(wire::CreateControl(
+                       b, wire::Message::FileEvents,
+                       wire::CreateFileEvents(b, b.CreateString(t.options().share), b.CreateVector(events), 1)
+                           .Union()));
+                   t.conn().send(frame(FrameType::kControl, 0, control(b)));
+                   t.conn().settle(milliseconds(200));
+                   return std::string("refused the paths, kept the connection");
+                 },
+                 [](const Options& o) { return !o.share.empty(); }});
+  all.push_back({"ping-flood", Expect::kKept, [](Tester& t, std::string* bad) {
+                   const uint64_t before = t.conn().pongs();
+                   const int n = t.options().ping_flood;
+                   std::string burst;
+                   for (int i = 0; i < n; ++i) {
+                     std::string token(8, '\0');
+                     store_u64(reinterpret_cast<std::byte*>(token.data()), static_cast<uint64_t>(i));
+                     burst += frame(FrameType::kPing, 0, token);
+                   }
+                   t.conn().send(burst);
+                   t.conn().wait(
+                       [&] { return t.conn().closed() || t.conn().pongs() - before >= uint64_t(n); },
+                       milliseconds(20000));
+                   const uint64_t got = t.conn().pongs() - before;
+                   if (got != uint64_t(n)) {
+                     *bad = fmt::format("{} PONGs for {} PINGs", got, n);
+                     return std::string();
+                   }
+                   return fmt::format("answered all {} PINGs", n);
+                 }});
+  // ---- connection-level: the agent drops this connection, logs why, and takes a new one ----
+  all.push_back({"unknown-frame-type", Expect::kDropped, [](Tester& t, std::string*) {
+                   t.conn().send(frame(FrameType::kData, kGood, "x", 0, 42));
+                   return std::string();
+                 }});
+  all.push_back({"reserved-header-bytes", Expect::kDropped, [](Tester& t, std::string*) {
+                   std::string f = frame(FrameType::kData, kGood, "x");
+                   f[11] = 1;
+                   t.conn().send(f);
+                   return std::string();
+                 }});
+  all.push_back({"data-over-max-frame", Expect::kDropped, [](Tester& t, std::string*) {
+                   // Announces far more than max_frame; the agent must not wait for (or buffer) it.
+                   t.conn().send(frame(FrameType::kData, kGood, "", 0x7fffffff));
+                   return std::string();
+                 }});
+  all.push_back({"control-over-max-size", Expect::kDropped, [](Tester& t, std::string*) {
+                   t.conn().send(frame(FrameType::kControl, 0, "", 64u << 20));
+                   return std::string();
+                 }});
+  all.push_back({"truncated-header-then-close", Expect::kDropped, [](Tester& t, std::string*) {
+                   t.conn().send(frame(FrameType::kData, kGood, "xyz").substr(0, 5));
+                   t.conn().settle(milliseconds(50));
+                   t.conn().close_now();
+                   return std::string("closed by us after 5 header bytes");
+                 }});
+  all.push_back({"data-on-unknown-stream", Expect::kDropped, [](Tester& t, std::string*) {
+                   t.conn().send(frame(FrameType::kData, 1001, "who am I"));
+                   return std::string();
+                 }});
+  all.push_back({"data-beyond-window", Expect::kDropped,
+                 [](Tester& t, std::string*) {
+                   const StreamId id = t.new_id();
+                   t.conn().send(frame(FrameType::kControl, id,
+                                       open_payload(wire::Proto::Unix, t.options().stall_target)));
+                   // The stalled socket takes a few hundred KiB; 4 MiB of credit plus 4 MiB more must
+                   // overflow.
+                   const uint32_t window = t.conn().peer()->initial_window;
+                   const std::string chunk(64 * 1024, 'w');
+                   for (uint64_t sent = 0; sent < uint64_t(window) + (4u << 20) && !t.conn().closed();
+                        sent += chunk.size()) {
+                     t.conn().send(frame(FrameType::kData, id, chunk));
+                     t.conn().settle(milliseconds(1));
+                   }
+                   return std::string();
+                 },
+                 [](const Options& o) { return !o.stall_target.empty(); }});
+  all.push_back({"window-update-overflow", Expect::kDropped, [](Tester& t, std::string*) {
+                   t.conn().send(frame(FrameType::kWindowUpdate, kGood, u32(0x7fffffff)) +
+                                 frame(FrameType::kWindowUpdate, kGood, u32(0x7fffffff)));
+                   return std::string();
+                 }});
+  all.push_back({"window-update-zero", Expect::kDropped, [](Tester& t, std::string*) {
+                   t.conn().send(frame(FrameType::kWindowUpdate, kGood, u32(0)));
+                   return std::string();
+                 }});
+  all.push_back({"fin-twice", Expect::kDropped, [](Tester& t, std::string*) {
+                   const StreamId id = t.new_id();
+                   t.conn().send(frame(FrameType::kControl, id,
+                                       open_payload(wire::Proto::Unix, t.options().echo_target)));
+                   t.conn().send(frame(FrameType::kFin, id, "") + frame(FrameType::kFin, id, ""));
+                   return std::string();
+                 }});
+  all.push_back({"control-garbage", Expect::kDropped, [](Tester& t, std::string*) {
+                   t.conn().send(frame(FrameType::kControl, 0,
+                                       std::string("\x10\x00\x00\x00garbage!\xff\xff\xff\xff", 16)));
+                   return std::string();
+                 }});
+  all.push_back({"open-wrong-parity", Expect::kDropped, [](Tester& t, std::string*) {
+                   t.conn().send(frame(FrameType::kControl, 2,
+                                       open_payload(wire::Proto::Unix, t.options().echo_target)));
+                   return std::string();
+                 }});
+  all.push_back({"open-duplicate-id", Expect::kDropped, [](Tester& t, std::string*) {
+                   t.conn().send(frame(FrameType::kControl, kGood,
+                                       open_payload(wire::Proto::Unix, t.options().echo_target)));
+                   return std::string();
+                 }});
+  all.push_back({"open-without-target", Expect::kDropped, [](Tester& t, std::string*) {
+                   flatbuffers::FlatBufferBuilder b(64);
+                   b.Finish(wire::CreateControl(b, wire::Message::Open, wire::CreateOpen(b).Union()));
+                   t.conn().send(frame(FrameType::kControl, t.new_id(), control(b)));
+                   return std::string();
+                 }});
+  all.push_back({"second-hello", Expect::kDropped, [](Tester& t, std::string*) {
+                   t.conn().send(hello(t.options().token));
+                   return std::string();
+                 }});
+  return all;
+}
+
+int run(const Options& options) {
+  Tester t(options);
+  std::string error;
+  if (!t.fresh_session(&error)) {
+    fmt::print("setup: {}: FAIL\n", error);
+    return 2;
+  }
+  int failed = 0;
+  for (const Case& c : cases()) {
+    if (c.enabled != nullptr && !c.enabled(options)) {
+      fmt::print("{:<28} skipped (needs {})\n", c.name,
+                 std::string(c.name) == "data-beyond-window" ? "--stall" : "--share");
+      continue;
+    }
+    std::string bad;
+    std::string did = c.run(t, &bad);
+    bool pass = false;
+    if (c.expect == Expect::kKept) {
+      if (bad.empty() && t.conn().closed())
+        bad = "the agent dropped the connection: " + t.conn().close_reason();
+      if (bad.empty() && !t.echoes()) bad = "the good stream stopped echoing";
+      pass = bad.empty();
+      if (pass) did += "; the good stream still echoes";
+    } else {
+      const bool dropped = t.conn().wait([&] { return t.conn().closed(); });
+      if (!dropped) {
+        bad = "the agent kept the connection";
+      } else {
+        did = did.empty() ? t.conn().close_reason() : did;
+        std::string reconnect_error;
+        if (!t.fresh_session(&reconnect_error)) {
+          bad = "no fresh session after the drop: " + reconnect_error;
+        } else {
+          did += "; a fresh session echoes";
+        }
+      }
+      pass = bad.empty();
+      if (!pass && !t.conn().closed()) {
+        // Start the next case from a clean session either way.
+        std::string ignored;
+        t.fresh_session(&ignored);
+      }
+    }
+    if (!pass) ++failed;
+    fmt::print("{:<28} {}: {}\n", c.name, pass ? did : bad, pass ? "PASS" : "FAIL");
+    std::fflush(stdout);
+    if (!pass && t.conn().closed()) {
+      std::string reconnect_error;
+      if (!t.fresh_session(&reconnect_error)) {
+        fmt::print("setup: cannot start a new session: {}: FAIL\n", reconnect_error);
+        return 1;
+      }
+    }
+  }
+  fmt::print("{} case(s) failed\n", failed);
+  return failed == 0 ? 0 : 1;
+}
+
+}  // namespace
+}  // namespace vbridge::hostile
+
+int main(int argc, char** argv) {
+  using namespace vbridge;
+  CLI::App app{
+      "vbridge-hostile: sends malformed and forbidden frames to a live guest agent as a fake host, one case "
+      "at "
+      "a time, and checks that each gets a clear answer while the agent keeps serving"};
+  std::string transport;
+  std::string token_file;
+  hostile::Options options;
+  app.add_option("-t,--transport", transport, "The guest agent's transport: unix:/path or tcp:HOST:PORT")
+      ->required();
+  app.add_option("--token-file", token_file, "The guest agent's --token-file");
+  app.add_option("--echo", options.echo_target,
+                 "A unix target the guest's policy allows that echoes what it reads (a --forward name or an "
+                 "--allow-unix path)")
+      ->capture_default_str();
+  app.add_option("--stall", options.stall_target,
+                 "A unix target the guest allows that accepts and never reads (enables data-beyond-window)");
+  app.add_option("--share", options.share, "A share the guest agent replays (enables file-events-bad-paths)");
+  app.add_option("--ping-flood", options.ping_flood, "PINGs sent at once in ping-flood")
+      ->check(CLI::Range(1, 100000))
+      ->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  auto address = parse_address(transport);
+  if (!address) {
+    fmt::print(stderr, "--transport: {}\n", address.error().message);
+    return 2;
+  }
+  options.transport = *address;
+  if (!token_file.empty()) {
+    auto token = read_token_file(token_file);
+    if (!token) {
+      fmt::print(stderr, "{}\n", token.error().message);
+      return 2;
+    }
+    options.token = *token;
+  }
+  return hostile::run(options);
+}
