@@ -285,7 +285,7 @@ class LaunchConfig:
     cpus: int = 1
     accel: str = "auto"  # auto | kvm | tcg
     cpu: Optional[str] = None  # default: host (kvm), max (tcg)
-    channel: str = "auto"  # auto | serial | vsock
+    channel: str = "serial"  # serial | vsock | auto (vsock and auto open /dev/vhost-vsock: opt-in only)
     vsock_cid: int = 3
     vsock_port: int = DEFAULT_VSOCK_PORT
     shares: list[str] = field(default_factory=list)
@@ -665,8 +665,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     s.add_argument("--cpus", type=int, default=1, help="vCPUs (default %(default)s)")
     s.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
     s.add_argument("--cpu", help="QEMU -cpu model (default: host with KVM, max with TCG)")
-    s.add_argument("--channel", default="auto", choices=["auto", "serial", "vsock"],
-                   help="agent transport: vsock with a usable /dev/vhost-vsock, else virtio-serial (auto)")
+    s.add_argument("--channel", default="serial", choices=["serial", "vsock", "auto"],
+                   help="agent transport (default serial: virtio-serial behind a unix socket); vsock needs "
+                        "/dev/vhost-vsock; auto opens /dev/vhost-vsock to decide (both opt-in)")
     s.add_argument("--vsock-cid", type=int, default=3)
     s.add_argument("--vsock-port", type=int, default=DEFAULT_VSOCK_PORT)
     s.add_argument("--share", action="append", default=[], metavar="HOST[:GUEST]",
