@@ -93,7 +93,17 @@ TEST(Targets, PathTricksDoNotMatchAllowedPaths) {
   const TargetPolicy p = policy(c);
   expect_refused(p.resolve(unix_target("/run/../run/ok.sock")), EACCES, "--allow-unix");
   expect_refused(p.resolve(unix_target("/run//ok.sock")), EACCES, "--allow-unix");
-  expect_refused(p.resolve(unix_target(std::string("/run/ok.sock\0x", 14))), EACCES, "--allow-unix");
+  expect_refused(p.resolve(unix_target(std::string("/run/ok.sock\0x", 14))), EACCES,
+                 "neither a forward name");
+}
+
+// Issue 8: a hostile host's target is refused without being echoed back whole.
+TEST(Targets, OverLongAndNonPrintableTargetsAreRefusedAndShownShort) {
+  const TargetPolicy p = policy();
+  auto r = p.resolve(unix_target("/" + std::string(4000, 'a')));
+  expect_refused(r, EACCES, "(4001 bytes) is neither a forward name");
+  EXPECT_LT(r.error().message.size(), 200u);
+  EXPECT_EQ(TargetPolicy::describe(unix_target("/tmp/\xff\x01")), "/tmp/\\xff\\x01");
 }
 
 TEST(Targets, EmptyPathIsInvalid) { expect_refused(policy().resolve(unix_target("")), EINVAL, "no target"); }
