@@ -6,6 +6,8 @@ then times GET /_ping and GET /containers/json on a fresh connection per request
 and on one kept-alive connection, alternating between the two sockets so background load hits both alike.
 
   python3 bench/e2e/docker_api.py [--requests 2000] [--json FILE]
+
+`vbridge bench` runs measure() on dockerd's socket, the bridged docker.sock, socat and ssh -L side by side.
 """
 
 from __future__ import annotations
@@ -18,11 +20,10 @@ import statistics
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "..", "tests", "integration"))
-
-from agents import GuestAgent, HostAgent  # noqa: E402
-from fixtures import Dockerd, Workdir, scope  # noqa: E402
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bridge import Pair, missing_agents  # noqa: E402
+from fixtures import Dockerd, Workdir, dockerd_unavailable_reason, scope  # noqa: E402
 
 
 def request(sock: socket.socket, path: str) -> None:
@@ -53,6 +54,7 @@ def request(sock: socket.socket, path: str) -> None:
 def fresh(path: str, endpoint: str) -> float:
     t = time.perf_counter()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
         s.connect(path)
         request(s, endpoint)
     return (time.perf_counter() - t) * 1e6
@@ -63,35 +65,56 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--requests", type=int, default=2000)
-    ap.add_argument("--json")
-    args = ap.parse_args()
-    with scope():
-        wd = Workdir("vbbench")
-        dockerd = Dockerd(wd, storage_driver="overlay2").start()
-        guest = GuestAgent(wd, docker_socket=dockerd.socket_path, log_level="warn").start()
-        host = HostAgent(wd, "unix:" + guest.listen_path, log_level="warn").start()
-        sockets = {"direct": dockerd.socket_path, "vbridge": host.docker_socket}
-        results: dict[str, dict[str, list[float]]] = {name: {} for name in sockets}
-        for endpoint in ("/_ping", "/containers/json"):
-            for name in sockets:
-                results[name][f"{endpoint} fresh"] = []
-                results[name][f"{endpoint} keep-alive"] = []
-            conns = {name: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for name in sockets}
-            for name, s in conns.items():
-                s.connect(sockets[name])
-            for i in range(args.requests):
+ENDPOINTS = ("/_ping", "/containers/json")
+MODES = ("fresh", "keep-alive")
+
+
+def measure(sockets: dict[str, str], requests: int, step=None) -> dict[str, dict[str, list[float]]]:
+    """Times `requests` requests per endpoint, connection mode and socket, alternating between the sockets
+    request by request so background load hits them all alike. Returns {socket name: {"<endpoint> <mode>":
+    [microseconds, ...]}}. step(text), if given, is called every 50 requests."""
+    results: dict[str, dict[str, list[float]]] = {name: {} for name in sockets}
+    for endpoint in ENDPOINTS:
+        for name in sockets:
+            for mode in MODES:
+                results[name][f"{endpoint} {mode}"] = []
+        conns = {}
+        try:
+            for name, path in sockets.items():
+                conns[name] = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                conns[name].settimeout(10)
+                conns[name].connect(path)
+            for i in range(requests):
+                if step and i % 50 == 0:
+                    step(f"docker {endpoint} {i}/{requests}")
                 for name, path in sockets.items():
                     results[name][f"{endpoint} fresh"].append(fresh(path, endpoint))
                     t = time.perf_counter()
                     request(conns[name], endpoint)
                     results[name][f"{endpoint} keep-alive"].append((time.perf_counter() - t) * 1e6)
-                if i % 200 == 0:
-                    print(f"\r{endpoint} {i}/{args.requests}", end="", file=sys.stderr, flush=True)
+        finally:
             for s in conns.values():
                 s.close()
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--build-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "build"))
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    reason = dockerd_unavailable_reason() or missing_agents(args.build_dir)
+    if reason:
+        sys.exit(f"docker_api: {reason}")
+    with scope():
+        wd = Workdir("vbbench")
+        dockerd = Dockerd(wd, storage_driver="vfs").start()
+        pair = Pair(wd, args.build_dir, "docker", guest_args=["--docker-socket", dockerd.socket_path, "--no-ports"],
+                    host_args=["--no-follow-ports"]).start()
+        sockets = {"direct": dockerd.socket_path, "vbridge": os.path.join(pair.runtime_dir, "docker.sock")}
+        results = measure(sockets, args.requests,
+                          lambda text: print(f"\r{text}", end="", file=sys.stderr, flush=True))
         print("\r", end="", file=sys.stderr)
         summary = {}
         print(f"Docker API latency, {args.requests} requests each (us)")

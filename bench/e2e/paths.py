@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import selectors
 import shutil
 import signal
@@ -204,6 +205,8 @@ class Env:
         self.server_unix = ""
         self.server_tcp = ""
         self._ssh: SshServer | None = None
+        self.ready = None     # addr -> bool: a path is up once this holds (default: a loadgen connect test)
+        self.docker = False   # the server is a Docker API socket (vbridge then serves its own docker.sock)
 
     def start_server(self) -> None:
         sock = self.tmp / SERVER_SOCK
@@ -234,6 +237,37 @@ class Env:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+class EnvView:
+    """The paths of an Env led to another unix socket server (dockerd's, say) instead of the loadgen's.
+
+    Shares the Env's children and sshd; files go to a sub-folder, so the two sets of paths never collide.
+    `ready(addr)` tells when a path to this server is up.
+    """
+
+    def __init__(self, env: Env, name: str, server_unix: str, ready, docker: bool = False):
+        self.env = env
+        self.loadgen = env.loadgen
+        self.build_dir = env.build_dir
+        self.children = env.children
+        self.tmp = env.tmp / name
+        self.tmp.mkdir(exist_ok=True)
+        self.server_unix = f"unix:{server_unix}"
+        self.server_tcp = ""
+        self.ready = ready
+        self.docker = docker
+
+    def server_addr(self, family: str) -> str:
+        if family != "unix":
+            raise RuntimeError("this server listens on a unix socket only")
+        return self.server_unix
+
+    def server_port(self) -> int:
+        raise RuntimeError("this server listens on a unix socket only")
+
+    def ssh_server(self) -> "SshServer":
+        return self.env.ssh_server()
+
+
 def _read_line(proc: subprocess.Popen, timeout: float) -> str:
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
@@ -249,6 +283,43 @@ def _read_line(proc: subprocess.Popen, timeout: float) -> str:
         buf += chunk
     sel.close()
     return buf.split(b"\n", 1)[0].decode()
+
+
+# --------------------------------------------------------------------------------------------------------
+# The agents
+
+
+def find_agent(build_dir: FsPath | str | None, binary: str) -> str | None:
+    """vbridge-host or vbridge-guest in a build folder (top level, host/ or guest/), or None."""
+    if build_dir is None:
+        return None
+    base = FsPath(build_dir)
+    for candidate in (base / binary, base / "host" / binary, base / "guest" / binary):
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+_takes_token: dict[str, bool] = {}
+
+
+def token_flags(guest_binary: str, directory: FsPath | str) -> list[str]:
+    """`--token-file FILE` for both agents when this build takes one (a fresh 0600 file of random bytes in
+    directory), else nothing. Both agents of one pair get the same flags."""
+    if guest_binary not in _takes_token:
+        try:
+            r = subprocess.run([guest_binary, "--help"], capture_output=True, text=True, timeout=10)
+            _takes_token[guest_binary] = "--token-file" in r.stdout + r.stderr
+        except (OSError, subprocess.TimeoutExpired):
+            _takes_token[guest_binary] = False
+    if not _takes_token[guest_binary]:
+        return []
+    path = FsPath(directory) / "token"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+    return ["--token-file", str(path)]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -286,7 +357,8 @@ class Path:
         return proc
 
     def _wait_ready(self, deadline_s: float = 10.0) -> None:
-        wait_until(lambda: probe(self.client_addr), deadline_s, self.label, tuple(self._procs))
+        check = self.env.ready or probe
+        wait_until(lambda: check(self.client_addr), deadline_s, self.label, tuple(self._procs))
 
 
 class DirectPath(Path):
@@ -463,11 +535,18 @@ class VbridgePath(Path):
         server_unix = self.env.server_unix.removeprefix("unix:")
         guest = [str(self._find("vbridge-guest")), "--listen", f"unix:{transport}", "--log-level", "warn",
                  "--token-file", str(token), "--allow-unix", server_unix, "--allow-ports"]
+        if self.env.docker:
+            guest += ["--docker-socket", server_unix]
         self._spawn(guest, f"vbridge-guest-{self.family}.log")
         wait_until(lambda: transport.exists(), 10, "vbridge-guest to listen")
         host = [str(self._find("vbridge-host")), "--transport", f"unix:{transport}", "--runtime-dir", str(tmp / "rt"),
                 "--no-docker", "--no-follow-ports", "--log-level", "warn", "--token-file", str(token)]
-        if self.family == "unix":
+        if self.env.docker:
+            # The bridged docker.sock itself, as the docker CLI on the host uses it.
+            client = tmp / "docker.sock"
+            host = [a for a in host if a != "--no-docker"] + ["--docker-sock", str(client), "--no-docker-context"]
+            self.client_addr = f"unix:{client}"
+        elif self.family == "unix":
             client = tmp / "client.sock"
             host += ["--forward-unix", f"{client}={server_unix}"]
             self.client_addr = f"unix:{client}"

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """How fast a port opened in the guest appears on the host, and what watching ports costs an idle guest
-(python3 standard library only; needs root for the network namespace).
+(python3 standard library and tests/integration/fixtures.py; needs root for the network namespace).
 
 The guest agent runs in its own network and mount namespace (as the integration suite does), the host agent
 outside it. First both agents sit idle, connected, for --idle-seconds, and their CPU use is read from
@@ -12,6 +12,8 @@ and the harness polls until the host port is gone (remove). Opens and closes hap
 they do not lock onto the guest's scan period.
 
     sudo python3 bench/e2e/port_latency.py --build-dir build [--count 200] [--port-poll-ms 20] [--json out.json]
+
+`vbridge bench` runs the same measurement (measure()) without the idle part.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
+
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bridge import Pair, fixtures, missing_agents, percentiles  # noqa: E402
+from paths import free_tcp_port  # noqa: E402
 
 HELPER = r"""
 import socket, sys, time
@@ -47,14 +51,6 @@ for line in sys.stdin:
         t = time.monotonic_ns()
     print(t, flush=True)
 """
-
-
-def find_binary(build_dir: str, name: str) -> str:
-    for sub in ("", "guest", "host"):
-        path = os.path.join(build_dir, sub, name)
-        if os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
-    sys.exit(f"{name} not found under {build_dir}; build first")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -91,14 +87,69 @@ def wait(predicate, timeout: float, what: str, interval: float = 0.001) -> float
         time.sleep(interval)
 
 
-def percentiles(values_ms: list[float]) -> dict:
-    ordered = sorted(values_ms)
+def unavailable() -> str:
+    """Why this benchmark cannot run here, or ""."""
+    if os.geteuid() != 0:
+        return "needs root (a network namespace for the guest agent)"
+    for tool in ("unshare", "nsenter", "ip"):
+        if shutil.which(tool, path=fixtures.SBIN_PATH) is None:
+            return f"{tool} not found"
+    return ""
 
-    def pct(p: float) -> float:
-        return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
-    return {"n": len(ordered), "min": ordered[0], "p50": pct(50), "p90": pct(90), "p99": pct(99),
-            "max": ordered[-1], "mean": statistics.fmean(ordered)}
+def measure(workdir: fixtures.Workdir, build_dir: str, count: int, port_poll_ms: int = 20,
+            idle_seconds: float = 0.0, step=None) -> dict:
+    """Starts the agents (the guest in its own network namespace) and times `count` listeners appearing on
+    and leaving the host. Runs inside the caller's fixtures scope. step(text), if given, is called per sample."""
+    ns = fixtures.Netns(workdir, "portns")
+    pair = Pair(workdir, build_dir, "ports", guest_args=["--port-poll-ms", str(port_poll_ms)],
+                host_args=["--no-docker"], netns=ns).start()
+    result: dict = {"port_poll_ms": port_poll_ms}
+    if idle_seconds > 0:
+        # Idle: connected, nothing listening in the guest, nothing to forward.
+        time.sleep(0.5)
+        g0, h0, t0 = cpu_seconds(pair.guest.pid), cpu_seconds(pair.host.pid), time.monotonic()
+        time.sleep(idle_seconds)
+        g1, h1, t1 = cpu_seconds(pair.guest.pid), cpu_seconds(pair.host.pid), time.monotonic()
+        result["idle"] = {"seconds": round(t1 - t0, 2), "guest_cpu_percent": 100 * (g1 - g0) / (t1 - t0),
+                          "host_cpu_percent": 100 * (h1 - h0) / (t1 - t0)}
+
+    helper = subprocess.Popen(ns.wrap([sys.executable, "-c", HELPER]), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    fixtures.defer(lambda: helper.poll() is None and (helper.kill(), helper.wait()))
+
+    def ask(verb: str, port: int) -> int:
+        helper.stdin.write(f"{verb} {port}\n".encode())
+        helper.stdin.flush()
+        line = helper.stdout.readline()
+        if not line:
+            raise RuntimeError("the helper in the guest namespace exited")
+        return int(line)
+
+    appear, remove = [], []
+    used: set[int] = set()
+    for i in range(count):
+        if step:
+            step(f"port appear {i + 1}/{count}")
+        # A port free on the host now, so the host agent can bind the same number when the guest listens.
+        port = free_tcp_port()
+        while port in used:
+            port = free_tcp_port()
+        used.add(port)
+        time.sleep(random.uniform(0, 2 * port_poll_ms / 1000))
+        listened = ask("open", port)
+        seen = wait(lambda: connects(port), 10, f"host port {port} to follow the guest's listener")
+        appear.append((seen - listened) / 1e6)
+        time.sleep(random.uniform(0, 2 * port_poll_ms / 1000))
+        closed = ask("close", port)
+        gone = wait(lambda: not connects(port), 10, f"host port {port} to go")
+        remove.append((gone - closed) / 1e6)
+    helper.stdin.close()
+    helper.wait(5)
+    result["appear_ms"] = percentiles(appear)
+    result["remove_ms"] = percentiles(remove)
+    result["appear_samples_ms"] = [round(v, 3) for v in appear]
+    return result
 
 
 def main() -> int:
@@ -107,106 +158,26 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--port-poll-ms", type=int, default=20, help="the guest agent's scan period")
     parser.add_argument("--idle-seconds", type=float, default=10.0)
-    parser.add_argument("--first-port", type=int, default=31000)
     parser.add_argument("--json", help="also write the figures here")
-    parser.add_argument("--keep-tmp", action="store_true")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("needs root (unshare --net --mount)")
-
-    guest_bin = find_binary(args.build_dir, "vbridge-guest")
-    host_bin = find_binary(args.build_dir, "vbridge-host")
-    tmp = tempfile.mkdtemp(prefix="vbridge-ports-")
-    procs: list[subprocess.Popen] = []
-
-    def spawn(argv: list[str], log: str, **kw) -> subprocess.Popen:
-        with open(os.path.join(tmp, log), "wb") as out:
-            p = subprocess.Popen(argv, stdout=kw.pop("stdout", out), stderr=out, start_new_session=True, **kw)
-        procs.append(p)
-        return p
-
-    try:
-        holder = spawn(["unshare", "--net", "--mount", "--propagation", "private", "--", "sh", "-c",
-                        "ip link set lo up && echo ready && exec sleep infinity"], "netns.log", stdout=subprocess.PIPE)
-        if holder.stdout.readline().strip() != b"ready":
-            raise RuntimeError("could not create the network namespace")
-        enter = ["nsenter", f"--target={holder.pid}", "--net", "--mount", "--"]
-        transport = os.path.join(tmp, "guest.sock")
-        guest = spawn(enter + [guest_bin, "--listen", f"unix:{transport}", "--log-level", "warn",
-                               "--port-poll-ms", str(args.port_poll_ms)], "guest.log")
-        wait(lambda: os.path.exists(transport), 10, "the guest agent", 0.01)
-        runtime = os.path.join(tmp, "rt")
-        host = spawn([host_bin, "--transport", f"unix:{transport}", "--runtime-dir", runtime, "--no-docker",
-                      "--log-level", "warn"], "host.log")
-        status_sock = os.path.join(runtime, "status.sock")
-
-        def connected() -> bool:
-            try:
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(status_sock)
-                    return json.loads(s.makefile().read()).get("connected") is True
-            except OSError:
-                return False
-
-        wait(connected, 10, "the host agent to connect", 0.01)
-
-        # Idle: connected, nothing listening in the guest, nothing to forward.
-        time.sleep(0.5)
-        g0, h0, t0 = cpu_seconds(guest.pid), cpu_seconds(host.pid), time.monotonic()
-        time.sleep(args.idle_seconds)
-        g1, h1, t1 = cpu_seconds(guest.pid), cpu_seconds(host.pid), time.monotonic()
-        idle = {"seconds": round(t1 - t0, 2), "guest_cpu_percent": 100 * (g1 - g0) / (t1 - t0),
-                "host_cpu_percent": 100 * (h1 - h0) / (t1 - t0)}
-
-        helper = spawn(enter + [sys.executable, "-c", HELPER], "helper.log", stdin=subprocess.PIPE,
-                       stdout=subprocess.PIPE)
-
-        def ask(verb: str, port: int) -> int:
-            helper.stdin.write(f"{verb} {port}\n".encode())
-            helper.stdin.flush()
-            line = helper.stdout.readline()
-            if not line:
-                raise RuntimeError("the helper in the guest namespace exited")
-            return int(line)
-
-        appear, remove = [], []
-        for i in range(args.count):
-            port = args.first_port + i
-            time.sleep(random.uniform(0, 2 * args.port_poll_ms / 1000))
-            listened = ask("open", port)
-            seen = wait(lambda: connects(port), 10, f"host port {port}")
-            appear.append((seen - listened) / 1e6)
-            time.sleep(random.uniform(0, 2 * args.port_poll_ms / 1000))
-            closed = ask("close", port)
-            gone = wait(lambda: not connects(port), 10, f"host port {port} to go")
-            remove.append((gone - closed) / 1e6)
-        helper.stdin.close()
-
-        result = {"port_poll_ms": args.port_poll_ms, "idle": idle, "appear_ms": percentiles(appear),
-                  "remove_ms": percentiles(remove)}
+    reason = unavailable() or missing_agents(args.build_dir)
+    if reason:
+        sys.exit(f"port_latency: {reason}")
+    with fixtures.scope():
+        result = measure(fixtures.Workdir("vbports"), args.build_dir, args.count, args.port_poll_ms,
+                         args.idle_seconds)
+    if "idle" in result:
+        idle = result["idle"]
         print(f"idle over {idle['seconds']} s: guest agent {idle['guest_cpu_percent']:.2f}% of a core, "
               f"host agent {idle['host_cpu_percent']:.2f}%")
-        for key, title in (("appear_ms", "appear"), ("remove_ms", "remove")):
-            r = result[key]
-            print(f"{title:6} (n={r['n']}): p50 {r['p50']:.1f} ms  p90 {r['p90']:.1f} ms  p99 {r['p99']:.1f} ms  "
-                  f"max {r['max']:.1f} ms  mean {r['mean']:.1f} ms")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
-        return 0
-    finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGTERM)
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    os.kill(p.pid, signal.SIGKILL)
-                    p.wait()
-        if args.keep_tmp:
-            print(f"logs in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+    for key, title in (("appear_ms", "appear"), ("remove_ms", "remove")):
+        r = result[key]
+        print(f"{title:6} (n={r['n']}): p50 {r['p50']:.1f} ms  p90 {r['p90']:.1f} ms  p99 {r['p99']:.1f} ms  "
+              f"max {r['max']:.1f} ms  mean {r['mean']:.1f} ms")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,14 +1,23 @@
 #!/usr/bin/env python3
-"""End-to-end comparison of forwarding paths (python3 standard library only).
+"""`vbridge bench`: the bridge against a direct connection, two socat relays and `ssh -L`, side by side in one
+run on one machine (python3 standard library and tests/integration/fixtures.py).
 
-Starts vbridge-loadgen's server on a unix socket and a loopback TCP port in a temp dir, brings up every
-path to it (direct, two chained socat relays, ssh -L through a private sshd, vbridge once it is built),
-runs each benchmark on each path side by side, and prints a table with the ratio of each path to direct.
+Sections (--sections picks some; each is skipped with a note when what it needs is missing):
 
-    python3 bench/e2e/run_e2e.py --loadgen build/bench/e2e/vbridge-loadgen [--quick] [--json out.json]
+  streams  vbridge-loadgen's server on a unix socket (the Docker-socket path) and a loopback TCP port (a
+           port forward), reached through each path: 1-stream throughput both ways, 8-stream aggregate,
+           64-byte round trips idle and beside a bulk stream, connections/s
+  docker   a private dockerd: GET /_ping and /containers/json on its own socket, the bridged docker.sock,
+           socat and ssh -L, fresh connections and kept-alive
+  idle     agent memory (VmRSS) with 1,000 idle streams open through vbridge
+  ports    a guest listen() (guest agent in its own network namespace) until the host port accepts
+  files    a host file write until inotifywait fires in the guest, on a bindfs mount of the folder
 
---quick runs one round of short tests in under a minute. The default runs three rounds, each over every
-benchmark and path, in about three minutes and reports each figure's median (the JSON keeps every run).
+    python3 bench/e2e/run_e2e.py --build-dir build [--quick] [--json out.json] [--plot out.svg]
+
+--quick runs one short round of everything in under a minute. The default runs three rounds of the stream
+benchmarks (paths interleaved, so load changes hit all alike) and larger samples of the rest, in about four
+minutes, and reports medians; the JSON keeps every run.
 """
 
 from __future__ import annotations
@@ -28,7 +37,13 @@ from pathlib import Path as FsPath
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from paths import PATH_TYPES, Env, Path  # noqa: E402
+import docker_api  # noqa: E402
+import file_latency  # noqa: E402
+import idle_streams  # noqa: E402
+import plot  # noqa: E402
+import port_latency  # noqa: E402
+from bridge import fixtures, missing_agents, percentiles  # noqa: E402
+from paths import PATH_TYPES, Env, EnvView, Path  # noqa: E402
 
 REPO = FsPath(__file__).resolve().parents[2]
 
@@ -40,12 +55,20 @@ class Profile:
     rtt_seconds: float    # ... or fewer if this time runs out first
     parallel: int         # concurrent connectors in the connection-rate test
     repeat: int           # rounds over every benchmark and path; the table shows each figure's median
+    docker_requests: int  # per round, endpoint, connection kind and path
+    port_samples: int     # guest listeners timed until the host port accepts
+    file_samples: int     # host writes timed until the guest's inotifywait fires
+    idle_streams: int     # streams held open through vbridge while the agents' memory is read
 
 
 PROFILES = {
-    "quick": Profile(seconds=1.0, rtt_count=2000, rtt_seconds=1.0, parallel=4, repeat=1),
-    "default": Profile(seconds=1.5, rtt_count=10000, rtt_seconds=1.5, parallel=4, repeat=3),
+    "quick": Profile(seconds=0.75, rtt_count=1000, rtt_seconds=0.5, parallel=4, repeat=1, docker_requests=100,
+                     port_samples=15, file_samples=20, idle_streams=1000),
+    "default": Profile(seconds=1.5, rtt_count=10000, rtt_seconds=1.5, parallel=4, repeat=3, docker_requests=200,
+                       port_samples=100, file_samples=100, idle_streams=1000),
 }
+
+SECTIONS = ("streams", "docker", "idle", "ports", "files")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,17 +133,26 @@ def _on_signal(signum, _frame):
 
 
 class Progress:
-    """One line on stderr, rewritten in place on a terminal, one line per step otherwise."""
+    """One line on stderr, rewritten in place on a terminal; plain lines otherwise (every step, and the
+    details within a step at most once every few seconds)."""
 
     def __init__(self, total: int):
         self.total = total
         self.done = 0
         self.t0 = time.monotonic()
         self.tty = sys.stderr.isatty()
+        self.current = ""
+        self.last_plain = 0.0
 
     def step(self, text: str) -> None:
         self.done += 1
-        self.show(f"[{self.done:2}/{self.total}] {text}")
+        self.current = f"[{self.done:2}/{self.total}] {text}"
+        self.show(self.current)
+
+    def detail(self, text: str) -> None:
+        """Where a long step is (a sample count, say), after the step's own text."""
+        if self.tty or time.monotonic() - self.last_plain >= 5:
+            self.show(f"{self.current}  {text}")
 
     def show(self, text: str) -> None:
         line = f"{time.monotonic() - self.t0:5.1f}s {text}"
@@ -128,6 +160,7 @@ class Progress:
             sys.stderr.write("\r\x1b[K" + line[:150])
         else:
             sys.stderr.write(line + "\n")
+            self.last_plain = time.monotonic()
         sys.stderr.flush()
 
     def finish(self) -> None:
@@ -205,23 +238,11 @@ def run_bench(env: Env, path: Path, bench: Bench) -> dict:
     return raw
 
 
-def run(args, env: Env, profile: Profile) -> dict:
-    families = args.families.split(",")
-    wanted = set(args.paths.split(",")) if args.paths else None
-    paths = [cls(env, fam) for fam in families for cls in PATH_TYPES
-             if wanted is None or cls.name in wanted or cls.name == "direct"]
-    benches = benchmarks(profile)
-    # Per path: raw loadgen output of every run, median per metric, [min, max] per metric, median / direct.
-    report: dict = {p.label: {"label": p.label, "name": p.name, "family": p.family, "skip_reason": "",
-                              "client_addr": "", "results": {}, "metrics": {}, "spread": {}, "ratio_to_direct": {}}
-                    for p in paths}
-
-    progress = Progress(0)
-    progress.show("starting the loadgen server")
-    env.start_server()
+def start_paths(paths: list[Path], report: dict, progress: Progress) -> list[Path]:
+    """Brings up every available path; the others get their reason in report[label]["skip_reason"]."""
     running = []
     for p in paths:
-        progress.show(f"starting {p.label}")
+        progress.detail(f"starting {p.label}")
         ok, reason = p.available()
         if ok:
             try:
@@ -232,16 +253,32 @@ def run(args, env: Env, profile: Profile) -> dict:
                 reason = f"failed to start: {e}"
                 p.stop()
         report[p.label]["skip_reason"] = reason
+    return running
+
+
+def select_paths(args, env, families: list[str]) -> list[Path]:
+    wanted = set(args.paths.split(",")) if args.paths else None
+    return [cls(env, fam) for fam in families for cls in PATH_TYPES
+            if wanted is None or cls.name in wanted or cls.name == "direct"]
+
+
+def run_streams(args, env: Env, profile: Profile, progress: Progress) -> dict:
+    paths = select_paths(args, env, args.families.split(","))
+    benches = benchmarks(profile)
+    # Per path: raw loadgen output of every run, median per metric, [min, max] per metric, median / direct.
+    report: dict = {p.label: {"label": p.label, "name": p.name, "family": p.family, "skip_reason": "",
+                              "client_addr": "", "results": {}, "metrics": {}, "spread": {}, "ratio_to_direct": {}}
+                    for p in paths}
+    progress.detail("starting the loadgen server")
+    env.start_server()
+    running = start_paths(paths, report, progress)
 
     # Rounds interleave the paths, so a change in background load hits them all alike.
-    rounds = profile.repeat
-    progress.total = rounds * len(running) * len(benches)
-    for r in range(rounds):
+    for r in range(profile.repeat):
         for b in benches:
             for p in running:
-                progress.step(f"round {r + 1}/{rounds}  {b.title:22} {p.label}")
+                progress.step(f"round {r + 1}/{profile.repeat}  {p.label:14} {b.title}")
                 report[p.label]["results"].setdefault(b.key, []).append(run_bench(env, p, b))
-    progress.finish()
 
     for p in paths:
         entry = report[p.label]
@@ -261,26 +298,287 @@ def run(args, env: Env, profile: Profile) -> dict:
     return {"paths": paths, "report": report}
 
 
+def docker_ready(addr: str) -> bool:
+    try:
+        return fixtures.docker_ping(addr.removeprefix("unix:"), timeout=1.0)
+    except Exception:  # noqa: BLE001 - any failure means "not yet"
+        return False
+
+
+def run_docker(args, env: Env, profile: Profile, progress: Progress) -> dict:
+    """Docker API latency on dockerd's own socket and through each path to it, alternating request by request."""
+    out: dict = {"requests_per_round": profile.docker_requests, "rounds": profile.repeat, "paths": {}}
+    with fixtures.scope():
+        progress.step("docker: starting dockerd and the paths to it")
+        dockerd = fixtures.Dockerd(fixtures.Workdir("vbbd"), storage_driver="vfs").start()
+        view = EnvView(env, "docker", dockerd.socket_path, ready=docker_ready, docker=True)
+        paths = select_paths(args, view, ["unix"])
+        report = {p.label: {"name": p.name, "skip_reason": "", "client_addr": ""} for p in paths}
+        running = start_paths(paths, report, progress)
+        try:
+            samples: dict[str, dict[str, list[float]]] = {p.name: {} for p in running}
+            per_round: dict[str, dict[str, list[float]]] = {p.name: {} for p in running}
+            sockets = {p.name: p.client_addr.removeprefix("unix:") for p in running}
+            for r in range(profile.repeat):
+                progress.step(f"docker API round {r + 1}/{profile.repeat}: " + ", ".join(sockets))
+                got = docker_api.measure(sockets, profile.docker_requests, progress.detail)
+                for name, by_key in got.items():
+                    for key, values in by_key.items():
+                        samples[name].setdefault(key, []).extend(values)
+                        per_round[name].setdefault(key, []).append(round(statistics.median(values), 1))
+        finally:
+            for p in running:
+                p.stop()
+    for p in paths:
+        entry = {"skip_reason": report[p.label]["skip_reason"], "requests": {}}
+        for key, values in samples.get(p.name, {}).items():
+            pc = percentiles(values)
+            entry["requests"][key] = {"p50_us": pc["p50"], "p99_us": pc["p99"], "n": pc["n"],
+                                      "round_p50_us": per_round[p.name][key]}
+        out["paths"][p.name] = entry
+    direct = out["paths"].get("direct", {}).get("requests", {})
+    for entry in out["paths"].values():
+        for key, row in entry["requests"].items():
+            if direct.get(key):
+                row["p50_ratio_to_direct"] = round(row["p50_us"] / direct[key]["p50_us"], 3)
+                row["p99_ratio_to_direct"] = round(row["p99_us"] / direct[key]["p99_us"], 3)
+    return out
+
+
+def run_idle(args, env: Env, profile: Profile, progress: Progress) -> dict:
+    progress.step(f"memory with {profile.idle_streams} idle streams through vbridge")
+    with fixtures.scope():
+        return idle_streams.measure(fixtures.Workdir("vbidle"), args.build_dir, profile.idle_streams,
+                                    progress.detail)
+
+
+def run_ports(args, env: Env, profile: Profile, progress: Progress) -> dict:
+    progress.step(f"port appear latency, {profile.port_samples} guest listeners")
+    with fixtures.scope():
+        return port_latency.measure(fixtures.Workdir("vbports"), args.build_dir, profile.port_samples,
+                                    step=progress.detail)
+
+
+def run_files(args, env: Env, profile: Profile, progress: Progress) -> dict:
+    progress.step(f"file event latency, {profile.file_samples} host writes")
+    with fixtures.scope():
+        return file_latency.measure(fixtures.Workdir("vbfiles"), args.build_dir, profile.file_samples,
+                                    progress.detail)
+
+
+def skip_reason(section: str, args) -> str:
+    """Why a section cannot run on this machine, or ""."""
+    if section == "streams":
+        return ""
+    if section == "docker":
+        return fixtures.dockerd_unavailable_reason() or ""
+    agents = missing_agents(args.build_dir)
+    if agents:
+        return agents
+    if section == "ports":
+        return port_latency.unavailable()
+    if section == "files":
+        return file_latency.unavailable()
+    return ""
+
+
+RUNNERS = {"docker": run_docker, "idle": run_idle, "ports": run_ports, "files": run_files}
+JSON_KEYS = {"docker": "docker", "idle": "idle_streams", "ports": "ports", "files": "file_events"}
+
+
+def planned_steps(args, profile: Profile, sections: list[str], skips: dict[str, str]) -> int:
+    n = 0
+    if "streams" in sections:
+        per_family = len([c for c in PATH_TYPES if not args.paths or c.name in args.paths.split(",")
+                          or c.name == "direct"])
+        n += profile.repeat * len(benchmarks(profile)) * per_family * len(args.families.split(","))
+    if "docker" in sections and not skips["docker"]:
+        n += 1 + profile.repeat
+    n += len([s for s in ("idle", "ports", "files") if s in sections and not skips[s]])
+    return n
+
+
+# --------------------------------------------------------------------------------------------------------
+# Summary: tables, targets, plot
+
+
+def docker_table(doc: dict) -> str:
+    paths = doc["paths"]
+    names = [n for n in paths if not paths[n]["skip_reason"]]
+    keys = list(paths["direct"]["requests"]) if "direct" in paths else []
+    head = ["Docker API (us)"] + names
+    rows = []
+    for key in keys:
+        for q in ("p50", "p99"):
+            row = [f"GET {key} {q}"]
+            for n in names:
+                r = paths[n]["requests"].get(key)
+                cell = fmt(r[f"{q}_us"]) if r else "-"
+                if r and n != "direct" and f"{q}_ratio_to_direct" in r:
+                    cell += f" {r[f'{q}_ratio_to_direct']:5.2f}x"
+                row.append(cell)
+            rows.append(row)
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r))
+             for r in [head] + rows]
+    lines.insert(1, "-" * len(lines[0]))
+    notes = [f"  {n}: {e['skip_reason']}" for n, e in paths.items() if e["skip_reason"]]
+    return "\n".join(lines + notes)
+
+
+def section_lines(doc: dict) -> list[str]:
+    lines = []
+    idle = doc.get("idle_streams", {})
+    if idle.get("with_streams"):
+        b, w = idle["before"], idle["with_streams"]
+        lines.append(f"memory, {idle['streams']} idle streams through vbridge ({idle['open_streams_reported']} "
+                     f"reported open): host agent VmRSS {w['host']['rss_kib'] / 1024:.1f} MiB "
+                     f"(idle {b['host']['rss_kib'] / 1024:.1f}), guest agent {w['guest']['rss_kib'] / 1024:.1f} MiB "
+                     f"(idle {b['guest']['rss_kib'] / 1024:.1f})")
+    ports = doc.get("ports", {})
+    if ports.get("appear_ms"):
+        a, r = ports["appear_ms"], ports["remove_ms"]
+        lines.append(f"port appear (guest listen() -> host port accepts, n={a['n']}): p50 {a['p50']:.1f} ms, "
+                     f"p99 {a['p99']:.1f} ms, max {a['max']:.1f} ms; gone after close: p50 {r['p50']:.1f} ms, "
+                     f"p99 {r['p99']:.1f} ms")
+    files = doc.get("file_events", {})
+    if files.get("vbridge_ms"):
+        v, d = files["vbridge_ms"], files["direct_ms"]
+        lines.append(f"file event (host write -> guest inotifywait, n={v['n']}, missed {files['missed']}): "
+                     f"p50 {v['p50']:.2f} ms, p99 {v['p99']:.2f} ms; host's own inotify (direct): "
+                     f"p50 {d.get('p50', 0):.2f} ms")
+    for key, title in (("docker", "docker"), ("idle_streams", "memory"), ("ports", "port appear"),
+                       ("file_events", "file events")):
+        sec = doc.get(key, {})
+        if sec.get("skip_reason"):
+            lines.append(f"{title}: skipped ({sec['skip_reason']})")
+        if sec.get("error"):
+            lines.append(f"{title}: error: {sec['error']}")
+    return lines
+
+
+def metric_of(doc: dict, label: str, key: str) -> float | None:
+    for entry in doc["paths"]:
+        if entry["label"] == label:
+            return entry["metrics"].get(key)
+    return None
+
+
+def targets(doc: dict) -> list[dict]:
+    """Each performance target with the figure this run measured and whether it is met (None: not measured)."""
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    vb1 = metric_of(doc, "vbridge/unix", "tput1")
+    idle = doc.get("idle_streams", {}).get("with_streams", {})
+    items = [
+        ("1-stream throughput client->server, unix, vs direct", ">=", 0.60,
+         ratio(vb1, metric_of(doc, "direct/unix", "tput1")), "x"),
+        ("1-stream throughput client->server, unix, vs socat2", ">=", 1.4,
+         ratio(vb1, metric_of(doc, "socat2/unix", "tput1")), "x"),
+        ("connections/s, unix", ">=", 8000, metric_of(doc, "vbridge/unix", "conn"), "/s"),
+        ("port appear p99", "<=", 50, doc.get("ports", {}).get("appear_ms", {}).get("p99"), "ms"),
+        ("file event p50", "<=", 20, doc.get("file_events", {}).get("vbridge_ms", {}).get("p50"), "ms"),
+        ("host agent RSS with 1,000 idle streams", "<=", 32,
+         idle["host"]["rss_kib"] / 1024 if idle else None, "MiB"),
+        ("guest agent RSS with 1,000 idle streams", "<=", 32,
+         idle["guest"]["rss_kib"] / 1024 if idle else None, "MiB"),
+    ]
+    if doc["mode"] == "quick":
+        items.append(("vbridge bench --quick wall time", "<", 60, doc["seconds"], "s"))
+    else:
+        items.append(("vbridge bench (default) wall time", "<=", 300, doc["seconds"], "s"))
+    out = []
+    for name, op, limit, value, unit in items:
+        met = None if value is None else (value >= limit if op == ">=" else value <= limit if op == "<="
+                                          else value < limit)
+        out.append({"target": name, "limit": f"{op} {limit:g} {unit}", "measured": None if value is None
+                    else round(value, 3), "unit": unit, "met": met})
+    return out
+
+
+def target_lines(items: list[dict]) -> list[str]:
+    lines = []
+    for t in items:
+        state = "not measured" if t["met"] is None else "met" if t["met"] else "NOT met"
+        value = "-" if t["measured"] is None else f"{t['measured']:g} {t['unit']}"
+        lines.append(f"  {t['target']:52} {t['limit']:>14}  measured {value:>14}  {state}")
+    return lines
+
+
+def relative(value: float | None, base: float | None, unit: str) -> float | None:
+    """Performance as a fraction of direct: higher is better for every unit."""
+    if not value or not base:
+        return None
+    return base / value if unit == "us" else value / base
+
+
+def write_plot(doc: dict, path: str) -> None:
+    by_label = {e["label"]: e for e in doc["paths"]}
+    series = [c.name for c in PATH_TYPES if c.name != "direct"]
+    panels = []
+    for fam, title in (("unix", "unix sockets (the Docker-socket path)"), ("tcp", "TCP port forward (127.0.0.1)")):
+        direct = by_label.get(f"direct/{fam}")
+        if not direct:
+            continue
+        rows = []
+        for m in METRICS:
+            row = {s: relative(by_label.get(f"{s}/{fam}", {}).get("metrics", {}).get(m.key),
+                               direct["metrics"].get(m.key), m.unit) for s in series}
+            rows.append((f"{m.label.replace('  ', ' ')} ({m.unit})", row))
+        panels.append({"title": title, "rows": rows})
+    dpaths = doc.get("docker", {}).get("paths", {})
+    if dpaths.get("direct", {}).get("requests"):
+        rows = []
+        for key, d in dpaths["direct"]["requests"].items():
+            for q in ("p50", "p99"):
+                rows.append((f"GET {key} {q} (us)", {s: relative(dpaths.get(s, {}).get("requests", {}).get(key, {})
+                                                               .get(f"{q}_us"), d[f"{q}_us"], "us") for s in series}))
+        panels.append({"title": "Docker API, dockerd's socket vs bridged", "rows": rows})
+    m = doc["machine"]
+    subtitle = (f"{doc['mode']} mode, {doc['started']}, {m['cpus']} cpus, Linux {m['kernel']}, load average "
+                f"{m.get('loadavg_start', '?')}; bar = performance / direct (latency: direct / path), log scale")
+    svg = plot.render("vbridge bench: each path relative to a direct connection", subtitle, panels, series)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(svg)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Main
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="vbridge bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--build-dir", default=str(REPO / "build"), help="where vbridge-host/-guest/-loadgen are looked for")
     ap.add_argument("--loadgen", help="vbridge-loadgen binary (default: <build-dir>/bench/e2e/vbridge-loadgen)")
-    ap.add_argument("--build-dir", default=str(REPO / "build"), help="where vbridge-host/-guest are looked for")
-    ap.add_argument("--quick", action="store_true", help="short runs: the whole comparison in under a minute")
+    ap.add_argument("--quick", action="store_true", help="short runs: everything in under a minute")
     ap.add_argument("--json", metavar="FILE", help="write every raw result and the summary to FILE")
+    ap.add_argument("--plot", metavar="FILE.svg", help="write an SVG chart of each path relative to direct")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of: "
+                    + ", ".join(SECTIONS) + " (default: all)")
     ap.add_argument("--paths", default="", help="comma-separated subset of: "
                     + ", ".join(c.name for c in PATH_TYPES) + " (direct always runs)")
-    ap.add_argument("--families", default="unix,tcp", help="unix, tcp or both (default)")
+    ap.add_argument("--families", default="unix,tcp", help="stream benchmarks over unix, tcp or both (default)")
     ap.add_argument("--repeat", type=int, help="rounds (default: 1 with --quick, 3 otherwise)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, sshd config)")
     args = ap.parse_args()
 
+    args.build_dir = str(FsPath(args.build_dir).resolve())
     loadgen = args.loadgen or str(FsPath(args.build_dir) / "bench" / "e2e" / "vbridge-loadgen")
-    if not os.access(loadgen, os.X_OK):
-        print(f"run_e2e: no loadgen binary at {loadgen}; build target vbridge-loadgen or pass --loadgen",
-              file=sys.stderr)
+    sections = [s for s in args.sections.split(",") if s]
+    if any(s not in SECTIONS for s in sections):
+        print(f"vbridge bench: --sections takes a comma-separated subset of {', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    if "streams" in sections and not os.access(loadgen, os.X_OK):
+        print(f"vbridge bench: no loadgen binary at {loadgen}; build target vbridge-loadgen "
+              f"(cmake --build {args.build_dir}) or pass --build-dir/--loadgen", file=sys.stderr)
         return 2
     if any(f not in ("unix", "tcp") for f in args.families.split(",")):
-        print("run_e2e: --families takes unix, tcp or unix,tcp", file=sys.stderr)
+        print("vbridge bench: --families takes unix, tcp or unix,tcp", file=sys.stderr)
+        return 2
+    if args.plot and not args.plot.endswith(".svg"):
+        print(f"vbridge bench: --plot writes SVG; name the file *.svg (got {args.plot})", file=sys.stderr)
         return 2
 
     mode = "quick" if args.quick else "default"
@@ -291,42 +589,77 @@ def main() -> int:
         signal.signal(sig, _on_signal)
 
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    info = machine()
+    info["loadavg_start"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     t0 = time.monotonic()
+    skips = {s: skip_reason(s, args) for s in SECTIONS}
+    progress = Progress(planned_steps(args, profile, sections, skips))
     env = Env(loadgen, args.build_dir, keep_tmp=args.keep_tmp)
+    doc: dict = {"version": 2, "mode": mode, "started": started, "build_dir": args.build_dir,
+                 "profile": dataclasses.asdict(profile), "sections": sections,
+                 "metrics": {m.key: {"label": m.label, "unit": m.unit} for m in METRICS}, "paths": []}
+    streams = None
     try:
-        out = run(args, env, profile)
+        if "streams" in sections:
+            streams = run_streams(args, env, profile, progress)
+            doc["paths"] = list(streams["report"].values())
+        for section in ("docker", "idle", "ports", "files"):
+            key = JSON_KEYS[section]
+            if section not in sections:
+                doc[key] = {"skip_reason": "not selected (--sections)"}
+            elif skips[section]:
+                doc[key] = {"skip_reason": skips[section]}
+            else:
+                try:
+                    doc[key] = {"skip_reason": "", **RUNNERS[section](args, env, profile, progress)}
+                except (RuntimeError, OSError, fixtures.FixtureError) as e:
+                    doc[key] = {"skip_reason": "", "error": str(e).splitlines()[0] if str(e) else repr(e),
+                                "detail": str(e)[-4000:]}
+        progress.finish()
     except (KeyboardInterrupt, Interrupted):
-        print("\nrun_e2e: interrupted; stopping every child process", file=sys.stderr)
+        progress.finish()
+        print("\nvbridge bench: interrupted; stopping every child process", file=sys.stderr)
         return 130
     finally:
         env.close()
         if args.keep_tmp:
-            print(f"run_e2e: kept {env.tmp}", file=sys.stderr)
+            print(f"vbridge bench: kept {env.tmp}", file=sys.stderr)
 
-    paths, report = out["paths"], out["report"]
-    info = machine()
-    print(f"vbridge e2e bench ({mode}): {info['cpus']} cpus, Linux {info['kernel']}, "
-          f"{info['ssh']}, {info['socat']}")
+    elapsed = time.monotonic() - t0
+    info["loadavg_end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    doc["machine"] = info
+    doc["seconds"] = round(elapsed, 1)
+    doc["targets"] = targets(doc)
+
+    print(f"vbridge bench ({mode}): {info['cpus']} cpus, Linux {info['kernel']}, {info['ssh']}, {info['socat']}; "
+          f"load average {info['loadavg_start']} at the start")
     print(f"median of {profile.repeat} round(s); ratio = path / direct: higher is better for MB/s and "
-          "connections/s, lower for rtt (us)\n")
-    for fam in args.families.split(","):
-        print(table(fam, paths, report))
+          "connections/s, lower for latencies (us)\n")
+    if streams is not None:
+        for fam in args.families.split(","):
+            print(table(fam, streams["paths"], streams["report"]))
+            print()
+    if doc.get("docker", {}).get("paths"):
+        print(docker_table(doc["docker"]))
         print()
-    errors = [(label, b, raw["error"]) for label, e in report.items() for b, runs in e["results"].items()
+    for line in section_lines(doc):
+        print(line)
+    print("\ntargets:")
+    for line in target_lines(doc["targets"]):
+        print(line)
+    errors = [(e["label"], b, raw["error"]) for e in doc["paths"] for b, runs in e["results"].items()
               for raw in runs if "error" in raw]
+    errors += [(key, "", doc[key]["error"]) for key in JSON_KEYS.values() if doc.get(key, {}).get("error")]
     for label, b, err in errors:
         print(f"error: {label} {b}: {err}")
-    elapsed = time.monotonic() - t0
     print(f"took {elapsed:.0f} s")
 
     if args.json:
-        doc = {"version": 1, "mode": mode, "started": started, "seconds": round(elapsed, 1), "machine": info,
-               "profile": dataclasses.asdict(profile),
-               "metrics": {m.key: {"label": m.label, "unit": m.unit} for m in METRICS},
-               "paths": list(report.values())}
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=2)
             f.write("\n")
+    if args.plot:
+        write_plot(doc, args.plot)
     return 1 if errors else 0
 
 
