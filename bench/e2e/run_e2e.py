@@ -175,32 +175,57 @@ def fmt(value: float | None) -> str:
     return f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
 
-def table(family: str, paths: list[Path], report: dict) -> str:
-    """Rows are metrics, columns are the paths of one socket family; each cell has the ratio to direct."""
-    cols = [p for p in paths if p.family == family]
-    direct = report[f"direct/{family}"]["metrics"]
-    head = [f"{family} sockets"] + [p.name for p in cols]
+def stream_rows(doc: dict, family: str) -> tuple[list[str], list[list[tuple[str, float | None]]], list[str]]:
+    """Rows are metrics, columns the paths of one socket family; a cell is (value text, ratio to direct)."""
+    cols = [e for e in doc["paths"] if e["family"] == family]
+    direct = next((e["metrics"] for e in cols if e["name"] == "direct"), {})
+    head = [f"{family} sockets"] + [e["name"] for e in cols]
     rows = []
     for m in METRICS:
-        row = [f"{m.label} ({m.unit})"]
-        for p in cols:
-            entry = report[p.label]
-            if entry["skip_reason"]:
-                row.append("skipped")
+        row = [(f"{m.label} ({m.unit})", None)]
+        for e in cols:
+            if e["skip_reason"]:
+                row.append(("skipped", None))
                 continue
-            v = entry["metrics"].get(m.key)
+            v = e["metrics"].get(m.key)
             base = direct.get(m.key)
-            cell = fmt(v)
-            if v is not None and base and p.name != "direct":
-                cell += f" {v / base:5.2f}x"
-            row.append(cell)
+            row.append((fmt(v), v / base if v is not None and base and e["name"] != "direct" else None))
         rows.append(row)
-    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r))
-             for r in [head] + rows]
+    notes = [f"{e['name']}: {e['skip_reason']}" for e in cols if e["skip_reason"]]
+    return head, rows, notes
+
+
+def docker_rows(doc: dict) -> tuple[list[str], list[list[tuple[str, float | None]]], list[str]]:
+    paths = doc["docker"]["paths"]
+    names = [n for n in paths if not paths[n]["skip_reason"]]
+    keys = list(paths["direct"]["requests"]) if "direct" in paths else []
+    head = ["Docker API (us)"] + names
+    rows = []
+    for key in keys:
+        for q in ("p50", "p99"):
+            row = [(f"GET {key} {q}", None)]
+            for n in names:
+                r = paths[n]["requests"].get(key)
+                row.append((fmt(r[f"{q}_us"]) if r else "-",
+                            r.get(f"{q}_ratio_to_direct") if r and n != "direct" else None))
+            rows.append(row)
+    notes = [f"{n}: {e['skip_reason']}" for n, e in paths.items() if e["skip_reason"]]
+    return head, rows, notes
+
+
+def render_text(head: list[str], rows: list, notes: list[str]) -> str:
+    cells = [head] + [[t + (f" {r:5.2f}x" if r is not None else "") for t, r in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)) for r in cells]
     lines.insert(1, "-" * len(lines[0]))
-    notes = [f"  {p.name}: {report[p.label]['skip_reason']}" for p in cols if report[p.label]["skip_reason"]]
-    return "\n".join(lines + notes)
+    return "\n".join(lines + [f"  {n}" for n in notes])
+
+
+def render_markdown(head: list[str], rows: list, notes: list[str]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        lines.append("| " + " | ".join(t + (f" ({r:.2f}×)" if r is not None else "") for t, r in row) + " |")
+    return "\n".join(lines + [f"\n{n}" for n in notes])
 
 
 def tool_version(argv: list[str], marker: str) -> str:
@@ -402,30 +427,6 @@ def planned_steps(args, profile: Profile, sections: list[str], skips: dict[str, 
 # Summary: tables, targets, plot
 
 
-def docker_table(doc: dict) -> str:
-    paths = doc["paths"]
-    names = [n for n in paths if not paths[n]["skip_reason"]]
-    keys = list(paths["direct"]["requests"]) if "direct" in paths else []
-    head = ["Docker API (us)"] + names
-    rows = []
-    for key in keys:
-        for q in ("p50", "p99"):
-            row = [f"GET {key} {q}"]
-            for n in names:
-                r = paths[n]["requests"].get(key)
-                cell = fmt(r[f"{q}_us"]) if r else "-"
-                if r and n != "direct" and f"{q}_ratio_to_direct" in r:
-                    cell += f" {r[f'{q}_ratio_to_direct']:5.2f}x"
-                row.append(cell)
-            rows.append(row)
-    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r))
-             for r in [head] + rows]
-    lines.insert(1, "-" * len(lines[0]))
-    notes = [f"  {n}: {e['skip_reason']}" for n, e in paths.items() if e["skip_reason"]]
-    return "\n".join(lines + notes)
-
-
 def section_lines(doc: dict) -> list[str]:
     lines = []
     idle = doc.get("idle_streams", {})
@@ -555,6 +556,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="short runs: everything in under a minute")
     ap.add_argument("--json", metavar="FILE", help="write every raw result and the summary to FILE")
     ap.add_argument("--plot", metavar="FILE.svg", help="write an SVG chart of each path relative to direct")
+    ap.add_argument("--markdown", metavar="FILE", help="write the tables and targets as Markdown (for an issue)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of: "
                     + ", ".join(SECTIONS) + " (default: all)")
     ap.add_argument("--paths", default="", help="comma-separated subset of: "
@@ -562,7 +564,15 @@ def main() -> int:
     ap.add_argument("--families", default="unix,tcp", help="stream benchmarks over unix, tcp or both (default)")
     ap.add_argument("--repeat", type=int, help="rounds (default: 1 with --quick, 3 otherwise)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, sshd config)")
+    ap.add_argument("--from-json", metavar="FILE", help="run nothing: print the tables (and write --plot, --markdown) "
+                    "from an earlier --json FILE")
     args = ap.parse_args()
+
+    if args.from_json:
+        with open(args.from_json, encoding="utf-8") as f:
+            doc = json.load(f)
+        args.json = None if os.path.abspath(args.json or "") == os.path.abspath(args.from_json) else args.json
+        return report(doc, args)
 
     args.build_dir = str(FsPath(args.build_dir).resolve())
     loadgen = args.loadgen or str(FsPath(args.build_dir) / "bench" / "e2e" / "vbridge-loadgen")
@@ -620,6 +630,10 @@ def main() -> int:
         progress.finish()
         print("\nvbridge bench: interrupted; stopping every child process", file=sys.stderr)
         return 130
+    except (RuntimeError, OSError) as e:
+        progress.finish()
+        print(f"vbridge bench: {e}", file=sys.stderr)
+        return 1
     finally:
         env.close()
         if args.keep_tmp:
@@ -631,16 +645,23 @@ def main() -> int:
     doc["seconds"] = round(elapsed, 1)
     doc["targets"] = targets(doc)
 
+    return report(doc, args)
+
+
+def report(doc: dict, args) -> int:
+    """Prints the tables, the other sections and the targets; writes --json, --plot and --markdown.
+    Returns 1 if any run failed."""
+    info, mode = doc["machine"], doc["mode"]
     print(f"vbridge bench ({mode}): {info['cpus']} cpus, Linux {info['kernel']}, {info['ssh']}, {info['socat']}; "
-          f"load average {info['loadavg_start']} at the start")
-    print(f"median of {profile.repeat} round(s); ratio = path / direct: higher is better for MB/s and "
+          f"load average {info['loadavg_start']} at the start, {info.get('loadavg_end', '?')} at the end")
+    print(f"median of {doc['profile']['repeat']} round(s); ratio = path / direct: higher is better for MB/s and "
           "connections/s, lower for latencies (us)\n")
-    if streams is not None:
-        for fam in args.families.split(","):
-            print(table(fam, streams["paths"], streams["report"]))
-            print()
+    families = sorted({e["family"] for e in doc["paths"]}, key=lambda f: f != "unix")
+    tables = [stream_rows(doc, fam) for fam in families]
     if doc.get("docker", {}).get("paths"):
-        print(docker_table(doc["docker"]))
+        tables.append(docker_rows(doc))
+    for t in tables:
+        print(render_text(*t))
         print()
     for line in section_lines(doc):
         print(line)
@@ -652,7 +673,7 @@ def main() -> int:
     errors += [(key, "", doc[key]["error"]) for key in JSON_KEYS.values() if doc.get(key, {}).get("error")]
     for label, b, err in errors:
         print(f"error: {label} {b}: {err}")
-    print(f"took {elapsed:.0f} s")
+    print(f"took {doc['seconds']:.0f} s")
 
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -660,6 +681,15 @@ def main() -> int:
             f.write("\n")
     if args.plot:
         write_plot(doc, args.plot)
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write("\n\n".join(render_markdown(*t) for t in tables) + "\n\n")
+            f.write("\n".join(f"- {line}" for line in section_lines(doc)) + "\n\n")
+            f.write("| target | limit | measured | |\n|---|---|---|---|\n")
+            for t in doc["targets"]:
+                value = "-" if t["measured"] is None else f"{t['measured']:g} {t['unit']}"
+                state = "not measured" if t["met"] is None else "met" if t["met"] else "**not met**"
+                f.write(f"| {t['target']} | {t['limit']} | {value} | {state} |\n")
     return 1 if errors else 0
 
 
