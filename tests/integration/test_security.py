@@ -4,7 +4,8 @@
              one is refused with one log line on each side, and the active host connection is not touched
   hostile    vbridge-hostile plays a host that sends every malformed-frame class to a live guest agent: each
              case is answered (OPEN_FAIL, refusal, or a dropped connection with one log line) and the agent
-             keeps serving
+             keeps serving; as a fake guest it does the same to a live host agent with a client stream open
+             through its docker.sock
   access     docker.sock and status.sock are 0600 and check the peer's uid; forwarded ports bind loopback
 """
 
@@ -133,6 +134,55 @@ class HostileFramesTest(FixtureTestCase):
         wait_for_unix_socket(forward, 10)
         self.assertEqual(echo_through(forward, b"still serving"), b"still serving")
         self.assertTrue(host.status()["connected"])
+
+
+# What the host agent logs when a fake guest sends each connection-level case.
+HOST_CONNECTION_CASES = {
+    "unknown-frame-type": "protocol error: unknown frame type 42",
+    "reserved-header-bytes": "protocol error: reserved header bytes are not zero",
+    "control-over-max-size": "length 67108864: larger than the control message limit",
+    "control-garbage": "protocol error: malformed CONTROL message on stream 0",
+    "second-hello": "HELLO was already received",
+    "data-over-max-frame": "length 2147483647: larger than the announced max frame size",
+    "data-on-unknown-stream": "DATA frame on stream 1000 with length 8: stream was never opened",
+    "data-beyond-window": re.compile(r"flow-control violation: stream \d+ sent \d+ bytes with only \d+ bytes"),
+    "window-update-overflow": re.compile(r"flow-control violation: stream \d+ credit overflow"),
+    "window-update-zero": "protocol error: WINDOW_UPDATE of 0 bytes",
+    "fin-twice": re.compile(r"protocol error: second FIN on stream \d+"),
+    "open-wrong-parity": "protocol error: OPEN with invalid stream id 1001",
+    "open-duplicate-id": "protocol error: OPEN with invalid stream id 2\n",
+    "open-without-target": "protocol error: OPEN without a target",
+    "truncated-header-then-close": None,
+}
+HOST_STREAM_CASES = ["open-unexposed-name", "open-overlong-target", "open-nul-in-target", "rst-unknown-stream",
+                     "ports-bad-contents", "file-events-from-guest", "ping-flood"]
+
+
+class HostileGuestTest(FixtureTestCase):
+    def test_a_fake_guest_cannot_break_the_host_agent(self) -> None:
+        transport = self.workdir.join("fake-guest.sock")
+        runtime = self.workdir.join("host-rt")
+        tool = Process(self.workdir, "hostile", [binary("vbridge-hostile"), "--serve-guest", transport,
+                                                 "--client-socket", os.path.join(runtime, "docker.sock")])
+        tool.wait_for_output("listening on")
+        host = HostAgent(self.workdir, "unix:" + transport, name="host").start()
+        self.assertEqual(host.runtime_dir, runtime)
+        self.assertEqual(tool.wait_exit(300), 0, tool.logs() + host.process.logs())
+        report = tool.stdout()
+        lines = {line.split()[0]: line for line in report.splitlines() if line and not line[0].isdigit()}
+        for case in HOST_STREAM_CASES + list(HOST_CONNECTION_CASES):
+            self.assertIn(case, lines, report)
+            self.assertTrue(lines[case].endswith(": PASS"), lines[case])
+        log = host.process.output()
+        # One "lost" line per dropped connection (the client streams it cut say so at info level too).
+        lost = "".join(line + "\n" for line in log.splitlines() if "lost the guest agent at" in line)
+        for case, pattern in HOST_CONNECTION_CASES.items():
+            if pattern is not None:
+                self.assertEqual(count(pattern, lost), 1, f"{case}: {pattern!r} in the host log:\n{lost}")
+        # The cases, then the tool's exit.
+        self.assertEqual(lost.count("\n"), len(HOST_CONNECTION_CASES) + 1, lost)
+        self.assertEqual(log.count('refused: host target "not-exposed" is not exposed'), 1, log[-6000:])
+        self.assertTrue(host.process.alive(), host.process.logs())
 
 
 class TokenTest(FixtureTestCase):

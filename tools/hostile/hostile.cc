@@ -1,4 +1,5 @@
-// vbridge-hostile: plays a misbehaving host against a live guest agent.
+// vbridge-hostile: plays a misbehaving host against a live guest agent, or (--serve-guest) a misbehaving
+// guest against a live host agent.
 //
 // It connects to the guest agent's transport (unix: or tcp:, with the --token-file token) as a host would,
 // completes a proper HELLO, opens one good stream to an echo target the guest's policy allows and checks it
@@ -9,6 +10,9 @@
 //                        stream keeps echoing on the same connection
 //   connection cases     the agent drops that transport connection (and logs one line saying why); the tool
 //                        reconnects and checks that a fresh session echoes
+//
+// As a fake guest it listens for the host agent, connects a client through the host's socket
+// (--client-socket) and echoes the stream the host opens for it; the same classes then go the other way.
 //
 // One line per case: name, what the agent did, PASS or FAIL. Exit status 1 if any case failed, 2 on a usage
 // or setup error (the agent cannot be reached, the good stream never echoed).
@@ -48,6 +52,10 @@ constexpr uint32_t kOurWindow = 4u << 20;
 
 struct Options {
   Address transport;
+  // Fake-guest mode: listen here for a live host agent, and reach it as a client through this socket (its
+  // docker.sock or a --forward-unix socket), whose streams the fake guest accepts and echoes.
+  std::string serve_guest;
+  std::string client_socket;
   std::string token;
   std::string echo_target = "echo";
   std::string stall_target;  // a guest socket that accepts and never reads (for DATA beyond the window)
@@ -111,6 +119,8 @@ std::string hello(const std::string& token) {
 
 struct StreamLog {
   bool open_ok = false;
+  bool opened_by_peer = false;  // an OPEN from the peer (fake-guest mode: a host client's stream)
+  bool echo = false;            // fake-guest mode: DATA received is sent back on the stream
   std::optional<std::pair<int, std::string>> open_fail;
   std::optional<std::string> rst;
   bool fin = false;
@@ -123,6 +133,13 @@ class Conn {
  public:
   ~Conn() {
     if (fd_ >= 0) ::close(fd_);
+  }
+
+  static std::unique_ptr<Conn> adopt(int fd) {
+    auto c = std::make_unique<Conn>();
+    c->fd_ = fd;
+    ::fcntl(fd, F_SETFL, O_NONBLOCK);
+    return c;
   }
 
   static std::unique_ptr<Conn> dial(const Address& a, std::string* error) {
@@ -193,6 +210,8 @@ class Conn {
   const std::optional<Hello>& peer() const { return peer_; }
   StreamLog& stream(StreamId id) { return streams_[id]; }
   uint64_t pongs() const { return pongs_; }
+  // Streams the peer opened, oldest first.
+  const std::vector<StreamId>& opens() const { return opens_; }
   std::string peer_error() const { return peer_error_; }
 
  private:
@@ -260,6 +279,7 @@ class Conn {
       }
       case FrameType::kData: {
         StreamLog& s = streams_[h.stream_id];
+        if (s.echo) send(frame(FrameType::kData, h.stream_id, payload));
         s.data += payload;
         s.unacked += payload.size();
         if (s.unacked >= kOurWindow / 4) {
@@ -273,6 +293,10 @@ class Conn {
         if (!wire::VerifyControlBuffer(v)) return;
         const auto* c = wire::GetControl(payload.data());
         if (c->message_type() == wire::Message::OpenOk) streams_[h.stream_id].open_ok = true;
+        if (c->message_type() == wire::Message::Open) {
+          streams_[h.stream_id].opened_by_peer = true;
+          opens_.push_back(h.stream_id);
+        }
         if (const auto* f = c->message_as_OpenFail()) {
           streams_[h.stream_id].open_fail = {f->errno_value(), f->message() ? f->message()->str() : ""};
         }
@@ -300,6 +324,7 @@ class Conn {
   std::string peer_error_;
   std::optional<Hello> peer_;
   std::map<StreamId, StreamLog> streams_;
+  std::vector<StreamId> opens_;
   uint64_t pongs_ = 0;
 };
 
@@ -307,9 +332,94 @@ class Conn {
 class Tester {
  public:
   explicit Tester(Options options) : options_(std::move(options)) {}
+  ~Tester() {
+    if (listen_fd_ >= 0) ::close(listen_fd_);
+    if (client_fd_ >= 0) ::close(client_fd_);
+  }
+
+  bool fake_guest() const { return !options_.serve_guest.empty(); }
+  StreamId good() const { return good_; }
+
+  // Fake-guest mode: listens on --serve-guest for the host agent.
+  bool listen(std::string* error) {
+    listen_fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_un sun{};
+    sun.sun_family = AF_UNIX;
+    std::strncpy(sun.sun_path, options_.serve_guest.c_str(), sizeof(sun.sun_path) - 1);
+    ::unlink(options_.serve_guest.c_str());
+    if (::bind(listen_fd_, reinterpret_cast<sockaddr*>(&sun), sizeof sun) != 0 ||
+        ::listen(listen_fd_, 4) != 0) {
+      *error = fmt::format("listen on {}: {}", options_.serve_guest, std::strerror(errno));
+      return false;
+    }
+    fmt::print("listening on {}\n", options_.serve_guest);
+    std::fflush(stdout);
+    return true;
+  }
+
+  bool fresh_session(std::string* error) {
+    return fake_guest() ? fresh_guest_session(error) : fresh_host_session(error);
+  }
+
+  // Fake-guest mode: waits for the host agent's next connection, answers its HELLO, connects a client to the
+  // host's socket and checks that the stream the host opens for it echoes.
+  bool fresh_guest_session(std::string* error) {
+    if (client_fd_ >= 0) ::close(client_fd_);
+    client_fd_ = -1;
+    conn_.reset();
+    pollfd p{listen_fd_, POLLIN, 0};
+    if (::poll(&p, 1, 10000) <= 0) {
+      *error = "the host agent did not connect within 10 s";
+      return false;
+    }
+    conn_ = Conn::adopt(::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC));
+    Hello h;
+    h.max_frame = 256 * 1024;
+    h.initial_window = kOurWindow;
+    h.max_streams = 1024;
+    h.features = kFeaturePorts | kFeatureFileEvents | kFeatureUdp;
+    const auto payload = encode_hello(h);
+    conn_->send(frame(FrameType::kHello, 0, bytes_of(payload.data(), payload.size())));
+    if (!conn_->wait([&] { return conn_->peer().has_value() || conn_->closed(); }) || !conn_->peer()) {
+      *error = "no HELLO from the host agent";
+      return false;
+    }
+    next_id_ = 2;
+    expected_.clear();
+    probes_ = 0;
+    client_paused_ = false;
+    client_fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_un sun{};
+    sun.sun_family = AF_UNIX;
+    std::strncpy(sun.sun_path, options_.client_socket.c_str(), sizeof(sun.sun_path) - 1);
+    if (::connect(client_fd_, reinterpret_cast<sockaddr*>(&sun), sizeof sun) != 0) {
+      *error = fmt::format("connect {}: {}", options_.client_socket, std::strerror(errno));
+      return false;
+    }
+    ::fcntl(client_fd_, F_SETFL, O_NONBLOCK);
+    const size_t before = conn_->opens().size();
+    if (!conn_->wait([&] { return conn_->opens().size() > before || conn_->closed(); }) ||
+        conn_->opens().size() == before) {
+      *error = "the host agent opened no stream for a client of " + options_.client_socket;
+      return false;
+    }
+    good_ = conn_->opens().back();
+    conn_->stream(good_).echo = true;
+    flatbuffers::FlatBufferBuilder b(32);
+    b.Finish(wire::CreateControl(b, wire::Message::OpenOk, wire::CreateOpenOk(b).Union()));
+    conn_->send(frame(FrameType::kControl, good_, control(b)));
+    if (!echoes()) {
+      *error = "the client stream through the host agent does not echo";
+      return false;
+    }
+    return true;
+  }
+
+  // Stops reading the client socket, so the host agent stops returning credit on the good stream.
+  void stop_reading_client() { client_paused_ = true; }
 
   // Connects, says HELLO, opens the good stream and checks one echo.
-  bool fresh_session(std::string* error) {
+  bool fresh_host_session(std::string* error) {
     conn_ = Conn::dial(options_.transport, error);
     if (!conn_) return false;
     conn_->send(hello(options_.token));
@@ -320,6 +430,7 @@ class Tester {
       return false;
     }
     next_id_ = kGood + 2;
+    good_ = kGood;
     probes_ = 0;
     expected_.clear();
     conn_->send(frame(FrameType::kControl, kGood, open_payload(wire::Proto::Unix, options_.echo_target)));
@@ -340,12 +451,29 @@ class Tester {
   // Sends a probe on the good stream and waits for it to come back.
   bool echoes() {
     if (conn_->closed()) return false;
+    if (fake_guest()) return client_echoes();
     const std::string probe = fmt::format("probe {}\n", ++probes_);
     expected_ += probe;
     conn_->send(frame(FrameType::kData, kGood, probe));
     return conn_->wait([&] {
       return conn_->closed() || conn_->stream(kGood).data.size() >= expected_.size();
     }) && conn_->stream(kGood).data == expected_;
+  }
+
+  // Fake-guest mode: a probe written by the client comes back to it through host agent and fake guest.
+  bool client_echoes() {
+    if (client_paused_) return false;
+    const std::string probe = fmt::format("probe {}\n", ++probes_);
+    if (::send(client_fd_, probe.data(), probe.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(probe.size())) {
+      return false;
+    }
+    std::string got;
+    return conn_->wait([&] {
+      char buf[4096];
+      const ssize_t n = ::recv(client_fd_, buf, sizeof buf, MSG_DONTWAIT);
+      if (n > 0) got.append(buf, static_cast<size_t>(n));
+      return got.size() >= probe.size() || n == 0 || conn_->closed();
+    }) && got == probe;
   }
 
   StreamId new_id() {
@@ -359,6 +487,10 @@ class Tester {
  private:
   Options options_;
   std::unique_ptr<Conn> conn_;
+  int listen_fd_ = -1;
+  int client_fd_ = -1;
+  bool client_paused_ = false;
+  StreamId good_ = kGood;
   StreamId next_id_ = 3;
   int probes_ = 0;
   std::string expected_;
@@ -576,15 +708,116 @@ std::vector<Case> cases() {
   return all;
 }
 
+// The same classes, sent by a fake guest to a live host agent; the good stream is a client's stream through
+// the host's socket.
+std::vector<Case> guest_cases() {
+  std::vector<Case> all;
+  const auto refused_open = [](const std::string& target) {
+    return [target](Tester& t, std::string* bad) {
+      const StreamId id = t.new_id();
+      t.conn().send(frame(FrameType::kControl, id, open_payload(wire::Proto::Unix, target)));
+      return expect_open_fail(t, id, bad);
+    };
+  };
+  all.push_back({"open-unexposed-name", Expect::kKept, refused_open("not-exposed")});
+  all.push_back({"open-overlong-target", Expect::kKept, refused_open(std::string(4000, 'a'))});
+  all.push_back({"open-nul-in-target", Expect::kKept, refused_open(std::string("svc\0/../x", 9))});
+  all.push_back({"rst-unknown-stream", Expect::kKept, [](Tester& t, std::string*) {
+                   t.conn().send(frame(FrameType::kRst, 999998, u32(0) + "no such stream"));
+                   t.conn().settle(milliseconds(100));
+                   return std::string("ignored it");
+                 }});
+  all.push_back({"ports-bad-contents", Expect::kKept, [](Tester& t, std::string*) {
+                   flatbuffers::FlatBufferBuilder b(256);
+                   std::vector<flatbuffers::Offset<wire::Listener>> ls{wire::CreateListener(
+                       b, wire::Proto::Tcp, wire::Family::Inet4, b.CreateString("../\0\xff", 5), 0)};
+                   b.Finish(wire::CreateControl(b, wire::Message::Ports,
+                                                wire::CreatePorts(b, {}, b.CreateVector(ls), false).Union()));
+                   t.conn().send(frame(FrameType::kControl, 0, control(b)));
+                   t.conn().settle(milliseconds(100));
+                   return std::string("ignored it");
+                 }});
+  all.push_back({"file-events-from-guest", Expect::kKept, [](Tester& t, std::string*) {
+                   flatbuffers::FlatBufferBuilder b(256);
+                   std::vector<flatbuffers::Offset<wire::FileEvent>> events{
+                       wire::CreateFileEvent(b, wire::FileEventKind::Modify, b.CreateString("../escape"))};
+                   b.Finish(wire::CreateControl(
+                       b, wire::Message::FileEvents,
+                       wire::CreateFileEvents(b, b.CreateString("s"), b.CreateVector(events), 1).Union()));
+                   t.conn().send(frame(FrameType::kControl, 0, control(b)));
+                   t.conn().settle(milliseconds(100));
+                   return std::string("ignored it");
+                 }});
+  for (const Case& c : cases()) {
+    const std::string name = c.name;
+    if (name == "ping-flood" || name == "unknown-frame-type" || name == "reserved-header-bytes" ||
+        name == "control-over-max-size" || name == "truncated-header-then-close" ||
+        name == "control-garbage" || name == "second-hello") {
+      all.push_back(c);
+    }
+  }
+  const auto on_good = [](std::string (*bytes)(StreamId)) {
+    return [bytes](Tester& t, std::string*) {
+      t.conn().send(bytes(t.good()));
+      return std::string();
+    };
+  };
+  all.push_back({"data-over-max-frame", Expect::kDropped,
+                 on_good([](StreamId id) { return frame(FrameType::kData, id, "", 0x7fffffff); })});
+  all.push_back({"data-on-unknown-stream", Expect::kDropped,
+                 on_good([](StreamId) { return frame(FrameType::kData, 1000, "who am I"); })});
+  all.push_back({"data-beyond-window", Expect::kDropped, [](Tester& t, std::string*) {
+                   t.stop_reading_client();
+                   const uint32_t window = t.conn().peer()->initial_window;
+                   const std::string chunk(64 * 1024, 'w');
+                   for (uint64_t sent = 0; sent < uint64_t(window) + (4u << 20) && !t.conn().closed();
+                        sent += chunk.size()) {
+                     t.conn().send(frame(FrameType::kData, t.good(), chunk));
+                     t.conn().settle(milliseconds(1));
+                   }
+                   return std::string();
+                 }});
+  all.push_back({"window-update-overflow", Expect::kDropped, on_good([](StreamId id) {
+                   return frame(FrameType::kWindowUpdate, id, u32(0x7fffffff)) +
+                          frame(FrameType::kWindowUpdate, id, u32(0x7fffffff));
+                 })});
+  all.push_back({"window-update-zero", Expect::kDropped,
+                 on_good([](StreamId id) { return frame(FrameType::kWindowUpdate, id, u32(0)); })});
+  all.push_back({"fin-twice", Expect::kDropped, on_good([](StreamId id) {
+                   return frame(FrameType::kFin, id, "") + frame(FrameType::kFin, id, "");
+                 })});
+  all.push_back({"open-wrong-parity", Expect::kDropped, on_good([](StreamId) {
+                   return frame(FrameType::kControl, 1001, open_payload(wire::Proto::Unix, "not-exposed"));
+                 })});
+  all.push_back({"open-duplicate-id", Expect::kDropped, [](Tester& t, std::string*) {
+                   const StreamId id = t.new_id();
+                   const std::string open =
+                       frame(FrameType::kControl, id, open_payload(wire::Proto::Unix, "x"));
+                   t.conn().send(open + open);
+                   return std::string();
+                 }});
+  all.push_back({"open-without-target", Expect::kDropped, [](Tester& t, std::string*) {
+                   flatbuffers::FlatBufferBuilder b(64);
+                   b.Finish(wire::CreateControl(b, wire::Message::Open, wire::CreateOpen(b).Union()));
+                   t.conn().send(frame(FrameType::kControl, t.new_id(), control(b)));
+                   return std::string();
+                 }});
+  return all;
+}
+
 int run(const Options& options) {
   Tester t(options);
   std::string error;
+  if (t.fake_guest() && !t.listen(&error)) {
+    fmt::print("setup: {}: FAIL\n", error);
+    return 2;
+  }
   if (!t.fresh_session(&error)) {
     fmt::print("setup: {}: FAIL\n", error);
     return 2;
   }
   int failed = 0;
-  for (const Case& c : cases()) {
+  for (const Case& c : t.fake_guest() ? guest_cases() : cases()) {
     if (c.enabled != nullptr && !c.enabled(options)) {
       fmt::print("{:<28} skipped (needs {})\n", c.name,
                  std::string(c.name) == "data-beyond-window" ? "--stall" : "--share");
@@ -646,8 +879,13 @@ int main(int argc, char** argv) {
   std::string transport;
   std::string token_file;
   hostile::Options options;
-  app.add_option("-t,--transport", transport, "The guest agent's transport: unix:/path or tcp:HOST:PORT")
-      ->required();
+  app.add_option("-t,--transport", transport, "The guest agent's transport: unix:/path or tcp:HOST:PORT");
+  app.add_option("--serve-guest", options.serve_guest,
+                 "Play a guest instead: listen on this unix socket path for a live host agent (vbridge-host "
+                 "--transport unix:PATH) and send it the malformed frames");
+  app.add_option("--client-socket", options.client_socket,
+                 "With --serve-guest: the host agent's socket to connect through (its docker.sock or a "
+                 "--forward-unix socket); the fake guest accepts and echoes the stream it opens");
   app.add_option("--token-file", token_file, "The guest agent's --token-file");
   app.add_option("--echo", options.echo_target,
                  "A unix target the guest's policy allows that echoes what it reads (a --forward name or an "
@@ -660,6 +898,17 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 100000))
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  if (!options.serve_guest.empty()) {
+    if (options.client_socket.empty()) {
+      fmt::print(stderr, "--serve-guest needs --client-socket\n");
+      return 2;
+    }
+    return hostile::run(options);
+  }
+  if (transport.empty()) {
+    fmt::print(stderr, "--transport (or --serve-guest) is required\n");
+    return 2;
+  }
   auto address = parse_address(transport);
   if (!address) {
     fmt::print(stderr, "--transport: {}\n", address.error().message);
