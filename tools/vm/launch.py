@@ -146,13 +146,16 @@ def is_our_qemu(pid: int, instance_dir: Path) -> bool:
 
 
 def socket_in_use(path: Path) -> bool:
+    """Someone listens on it. A listener with a full backlog (EAGAIN, timeout) counts as in use."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(1.0)
     try:
         s.connect(str(path))
         return True
-    except OSError:
+    except (ConnectionRefusedError, FileNotFoundError, NotADirectoryError):
         return False
+    except OSError:
+        return True
     finally:
         s.close()
 
