@@ -12,8 +12,10 @@ across the VM boundary. One QEMU runs at a time.
 from __future__ import annotations
 
 import os
+import json
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -261,6 +263,92 @@ class GuestThatNeverAnswers(unittest.TestCase):
         with self.assertRaises(VmError) as ctx:
             launch.start(cfg, vmcommon.Progress(quiet=True))
         self.assertIn("is in use", str(ctx.exception))
+
+
+VBRIDGE = HERE.parent.parent / "vbridge"
+
+
+def sockets_under(folder: Path) -> list[str]:
+    return [os.path.join(root, f) for root, _dirs, files in os.walk(folder) for f in files
+            if stat.S_ISSOCK(os.lstat(os.path.join(root, f)).st_mode)]
+
+
+@unittest.skipIf(skip_reason(), skip_reason())
+@unittest.skipUnless(AGENT and HOST_AGENT, "needs VBRIDGE_GUEST_AGENT and VBRIDGE_HOST_AGENT")
+class VbridgeUpStatusDown(unittest.TestCase):
+    """tools/vbridge itself on the real VM: up (config file + flags), status, docker, down; and a guest that
+    never answers within --boot-timeout."""
+
+    def setUp(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="vbup-", dir="/tmp"))
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.runtime = self.tmp / "run"
+        self.env = dict(os.environ, VBRIDGE_RUNTIME_DIR=str(self.runtime), VBRIDGE_GUEST_AGENT=AGENT,
+                        VBRIDGE_BUILD_DIR=str(Path(HOST_AGENT).resolve().parent.parent),
+                        XDG_CONFIG_HOME=str(self.tmp / "config"), DOCKER_CONFIG=str(self.tmp / "docker-config"))
+
+    def vbridge(self, *args: str, timeout: float = BOOT_TIMEOUT + 120) -> subprocess.CompletedProcess:
+        r = subprocess.run([sys.executable, str(VBRIDGE), *args], capture_output=True, text=True, env=self.env,
+                           timeout=timeout)
+        sys.stderr.write(r.stderr)
+        return r
+
+    def assert_down_leaves_nothing(self, instance: str) -> None:
+        folder = self.runtime / instance
+        self.assertTrue(no_qemu_of(folder), "QEMU still running")
+        self.assertEqual(sockets_under(self.runtime), [])
+        self.assertFalse((folder / "pids.json").exists())
+
+    def test_guest_that_never_answers(self) -> None:
+        self.addCleanup(self.vbridge, "down", "--instance", "mute")
+        r = self.vbridge("up", "--instance", "mute", "--boot-timeout", "3", "--accel", "tcg")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("guest did not answer within 3 s", r.stderr)
+        self.assertIn("vbridge: the VM did not start", r.stderr)
+        self.assertIn("stopping what was started for instance mute", r.stderr)
+        self.assert_down_leaves_nothing("mute")
+        r = self.vbridge("down", "--instance", "mute")
+        self.assertEqual((r.returncode, r.stdout.strip()), (0, "vbridge: instance mute is not up"))
+        self.assert_down_leaves_nothing("mute")
+
+    def test_up_status_docker_down(self) -> None:
+        share = self.tmp / "share"
+        share.mkdir()
+        (share / "hello.txt").write_text("from the host\n")
+        conf = self.tmp / "config" / "vbridge" / "cli.toml"
+        conf.parent.mkdir(parents=True)
+        conf.write_text(f'memory = "1G"\nboot_timeout = {BOOT_TIMEOUT:g}\nshares = ["{share}"]\ncpus = 2\n')
+        self.addCleanup(self.vbridge, "down", "--instance", "cli")
+        r = self.vbridge("up", "--instance", "cli", "--cpus", "1")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("docker --context vbridge-cli run --rm vbridge-busybox echo ok", r.stdout)
+        d = subprocess.run(["docker", "--context", "vbridge-cli", "run", "--rm", "-v", f"{share}:/data",
+                            "vbridge-busybox", "cat", "/data/hello.txt"], capture_output=True, text=True,
+                           env=self.env, timeout=180)
+        self.assertEqual((d.returncode, d.stdout), (0, "from the host\n"), d.stderr)
+        r = self.vbridge("status", "--instance", "cli", "--json")
+        self.assertEqual(r.returncode, 0)
+        doc = json.loads(r.stdout)
+        self.assertEqual(doc["mode"], "vm")
+        self.assertEqual(doc["config_file"], str(conf))
+        vm = doc["vm"]
+        self.assertEqual((vm["state"], vm["channel"], vm["cpus"], vm["memory_mib"]), ("ready", "serial", 1, 1024))
+        self.assertIn(vm["accel"], ("kvm", "tcg"))
+        self.assertTrue(doc["host_agent"]["running"])
+        self.assertTrue(doc["bridge"]["connected"])
+        self.assertEqual(doc["bridge"]["transport"], f"unix:{self.runtime / 'cli' / 'agent.sock'}")
+        self.assertGreater(doc["bridge"]["mux"]["bytes_out"], 0)
+        self.assertEqual(doc["bridge"]["file_events"]["shares"], 1)
+        r = self.vbridge("status", "--instance", "cli")
+        self.assertEqual(r.returncode, 0)
+        self.assertRegex(r.stdout, rf"vm\s+ready, pid {vm['pid']}, (kvm|tcg), 1 vCPU, 1024 MiB")
+        self.assertRegex(r.stdout, r"transport\s+unix:\S+agent.sock \(virtio-serial\), connected")
+        pids = [vm["pid"], doc["host_agent"]["pid"]]
+        r = self.vbridge("down", "--instance", "cli")
+        self.assertEqual((r.returncode, r.stdout.strip()), (0, "vbridge: instance cli is down"))
+        for pid in pids:
+            self.assertFalse(launch.pid_alive(pid), f"pid {pid} still runs after down")
+        self.assert_down_leaves_nothing("cli")
 
 
 if __name__ == "__main__":
