@@ -1,0 +1,222 @@
+"""Integrity soak: 64 concurrent checksummed streams of random sizes through the bridge for a bounded time.
+
+Layout (the guest agent and the server in their own network namespace, as in a VM):
+
+  vbridge-soak soak ─┬─ -L soak.sock (unix forward) ─┐                      ┌─ unix socket ─┐
+                     └─ 127.0.0.1:PORT (followed) ───┴─ vbridge-host ═ vbridge-guest ─┴─ 127.0.0.1:PORT ┴─ vbridge-soak serve
+
+Every stream sends a keyed pseudo-random byte stream of random size (0 to 64 MiB, log-uniform) and half-closes;
+the server checks each byte on arrival and echoes it, the client checks the echo, and the server's trailer
+says how much it received and how much differed. Eight of the streams read their echo at 1 MiB/s, so their
+windows fill and stay full. While it runs, the resident memory of both agents is sampled; the peak must stay
+below what the windows allow plus a fixed allowance for the pools and the agent itself. Per stream an agent
+holds at most a window of bytes its local socket has not taken yet (its receive window) and a window of bytes
+it read but may not send yet (the peer's window): streams x 2 x window. A slow reader's received bytes are
+slices of 256 KiB transport read blocks that also carry other streams' frames (64 KiB quanta), so a full
+window can keep up to four times its size alive: slow readers x 3 x window more. With slow readers alone
+(test_slow_readers_alone...) the blocks hold nothing else and the plain bound applies. After the run, the
+host's buffer pool must be back to its cache (no buffer leaked).
+
+VBRIDGE_SOAK_SECONDS sets the duration (default 300 under CI, 60 otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import unittest
+
+from agents import GuestAgent, HostAgent, binary
+from fixtures import FixtureTestCase, Netns, Process, WaitTimeout, strict_mode, wait_for, wait_for_tcp
+
+STREAMS = 64
+SLOW_READERS = 8
+WINDOW = 4 << 20  # the agents' default per-stream window (--window-kib 4096)
+ALLOWANCE = 64 << 20  # pool caches (64 x 256 KiB), io_uring buffer rings, read arenas, the binary and its libraries
+PIN_FACTOR = 4  # a 256 KiB transport read block per 64 KiB frame: what a slow reader's window can keep alive
+POOL_CACHE = 20 << 20  # the host's pool once idle: up to 64 cached 256 KiB buffers and its read arenas
+
+
+def soak_seconds() -> float:
+    default = "300" if strict_mode() else "60"
+    return float(os.environ.get("VBRIDGE_SOAK_SECONDS", default))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def status_kib(pid: int, field: str) -> int:
+    """A `VmRSS`/`VmHWM`-style field of /proc/PID/status, in KiB (0 if the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class RssSampler:
+    """Samples VmRSS of some processes every `interval` seconds in a thread; keeps the peaks."""
+
+    def __init__(self, pids: dict[str, int], interval: float = 0.25) -> None:
+        self.pids = pids
+        self.peak = {name: 0 for name in pids}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.sample()
+
+    def sample(self) -> dict[str, int]:
+        now = {name: status_kib(pid, "VmRSS") for name, pid in self.pids.items()}
+        for name, kib in now.items():
+            self.peak[name] = max(self.peak[name], kib)
+        self.samples += 1
+        return now
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        self._thread.join(5)
+        self.sample()
+        # VmHWM is the kernel's own high-water mark: it also catches a peak between two samples.
+        for name, pid in self.pids.items():
+            self.peak[name] = max(self.peak[name], status_kib(pid, "VmHWM"))
+        return self.peak
+
+
+def last_json(process: Process) -> dict:
+    lines = [line for line in process.stdout().splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def mib(kib: int) -> str:
+    return f"{kib / 1024:.1f} MiB"
+
+
+# Passes bytes both ways between a client and the server, but flips one byte of the client's data after the
+# first MiB of each connection: the soak must notice.
+CORRUPTING_RELAY = """
+import socket, sys, threading
+listen, target = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_UNIX)
+s.bind(listen)
+s.listen(64)
+print("ready", flush=True)
+def pump(a, b, corrupt):
+    seen = 0
+    try:
+        while chunk := a.recv(65536):
+            if corrupt and seen <= (1 << 20) < seen + len(chunk):
+                i = (1 << 20) - seen
+                chunk = chunk[:i] + bytes([chunk[i] ^ 0x01]) + chunk[i + 1:]
+            seen += len(chunk)
+            b.sendall(chunk)
+        b.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+while True:
+    c, _ = s.accept()
+    u = socket.socket(socket.AF_UNIX)
+    u.connect(target)
+    threading.Thread(target=pump, args=(c, u, True), daemon=True).start()
+    threading.Thread(target=pump, args=(u, c, False), daemon=True).start()
+"""
+
+
+class SoakTest(FixtureTestCase):
+    def test_checker_catches_a_flipped_byte(self) -> None:
+        """The soak's checks can fail: one flipped bit per stream on the way in is counted and fails the run."""
+        server_path, relay_path = self.workdir.join("server.sock"), self.workdir.join("relay.sock")
+        server = Process(self.workdir, "server", [binary("vbridge-soak"), "serve", "--unix", server_path])
+        server.wait_for_output('"listening"')
+        relay = Process(self.workdir, "relay", [sys.executable, "-c", CORRUPTING_RELAY, relay_path, server_path])
+        relay.wait_for_output("ready")
+        soak = Process(self.workdir, "soak", [binary("vbridge-soak"), "soak", "--connect", "unix:" + relay_path,
+                                              "--seconds", "2", "--streams", "4", "--max-size", str(8 << 20)])
+        soak.wait_exit(60)
+        result = last_json(soak)
+        self.assertNotEqual(soak.returncode, 0, soak.logs())
+        self.assertGreater(result.get("mismatched_bytes", 0), 0, soak.logs())
+
+    def test_soak_loses_and_corrupts_nothing_and_memory_stays_within_the_windows(self) -> None:
+        self.soak(STREAMS, SLOW_READERS, soak_seconds(), pinned_by_slow_readers=True)
+
+    def test_slow_readers_alone_hold_no_more_than_their_windows(self) -> None:
+        """Only slow readers: their windows fill and stay full, and that is all the agents hold."""
+        self.soak(SLOW_READERS, SLOW_READERS, 20, pinned_by_slow_readers=False)
+
+    def soak(self, streams: int, slow: int, seconds: float, pinned_by_slow_readers: bool) -> None:
+        wd = self.workdir
+        netns = Netns(wd, "guestns")
+        port = free_port()
+        server_path = wd.join("soak-server.sock")
+        server = netns.spawn(wd, "soak-server", [binary("vbridge-soak"), "serve", "--unix", server_path,
+                                                 "--tcp", f"127.0.0.1:{port}"])
+        server.wait_for_output('"listening"')
+        guest = GuestAgent(wd, netns=netns, extra=["--forward", f"soak={server_path}"], log_level="info").start()
+        host_path = wd.join("soak.sock")
+        host = HostAgent(wd, "unix:" + guest.listen_path, extra=["-L", f"{host_path}=soak"], log_level="info").start()
+        wait_for_tcp("127.0.0.1", port, timeout=10)
+
+        agents = {"host": host.process.pid, "guest": guest.process.pid}
+        baseline = {name: status_kib(pid, "VmRSS") for name, pid in agents.items()}
+        sampler = RssSampler(agents)
+        soak = Process(wd, "soak", [binary("vbridge-soak"), "soak", "--connect", "unix:" + host_path,
+                                    "--connect", f"tcp:127.0.0.1:{port}", "--seconds", str(seconds),
+                                    "--streams", str(streams), "--slow-readers", str(slow),
+                                    "--slow-rate", str(1 << 20), "--max-size", str(64 << 20),
+                                    "--drain-seconds", "60"])
+        try:
+            soak.wait_exit(seconds + 120)
+        finally:
+            peak = sampler.stop()
+        result = last_json(soak)
+        pinned = slow * (PIN_FACTOR - 1) * WINDOW if pinned_by_slow_readers else 0
+        bound_kib = (streams * 2 * WINDOW + pinned + ALLOWANCE) // 1024
+        bound_text = (f"{mib(bound_kib)} = {streams} streams x 2 x {WINDOW >> 20} MiB window"
+                      + (f" + {slow} slow x {PIN_FACTOR - 1} x {WINDOW >> 20} MiB pinned" if pinned else "")
+                      + f" + {ALLOWANCE >> 20} MiB")
+        try:
+            wait_for(lambda: host.status()["buffers"]["bytes"] <= POOL_CACHE, 10, "the host's pool to drain")
+        except WaitTimeout:
+            pass  # asserted below, after the figures
+        pool_after = host.status()["buffers"]
+
+        print()
+        print(f"soak: {result.get('seconds', 0):.0f} s, {streams} concurrent streams ({slow} reading at 1 MiB/s) "
+              f"over a unix forward and a followed TCP port")
+        print(f"  streams completed {result.get('streams_completed')} of {result.get('streams_started')} started "
+              f"({result.get('slow_streams_completed')} slow), {result.get('bytes_verified', 0) / 1e9:.1f} GB "
+              f"checked each way ({result.get('MBps_each_way', 0):.0f} MB/s)")
+        print(f"  mismatched bytes {result.get('mismatched_bytes')}, streams failed {result.get('errors')}")
+        for name in agents:
+            print(f"  {name} agent RSS: {mib(baseline[name])} before, peak {mib(peak[name])} "
+                  f"({sampler.samples} samples); bound {bound_text}")
+        print(f"  host buffer pool after the run: {pool_after['live']} buffers, {mib(pool_after['bytes'] // 1024)}")
+
+        self.assertEqual(soak.returncode, 0, soak.logs())
+        self.assertEqual(result["mismatched_bytes"], 0)
+        self.assertEqual(result["errors"], 0, result.get("first_error"))
+        if slow:
+            self.assertGreater(result["slow_streams_completed"], 0, "a slow reader must finish too")
+        for name in agents:
+            self.assertLess(peak[name], bound_kib, f"{name} agent grew past its windows")
+        self.assertLessEqual(pool_after["bytes"], POOL_CACHE, f"host buffers still live after the run: {pool_after}")
+        host.process.check_alive("after the soak")
+        guest.process.check_alive("after the soak")
+
+
+if __name__ == "__main__":
+    unittest.main()
