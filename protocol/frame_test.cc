@@ -57,5 +57,24 @@ TEST(Frame, HelloWithoutMagicSaysPeerIsNotVbridge) {
   EXPECT_NE(out.error().message.find("GET / HTTP"), std::string::npos);
 }
 
+TEST(Frame, HelloCarriesTheToken) {
+  Hello in{kProtocolVersion, 0, 65536, 1 << 20, 100};
+  in.token = "0123456789abcdef";
+  const auto bytes = encode_hello(in);
+  EXPECT_EQ(bytes.size(), kHelloPayloadSize + 16);
+  auto out = decode_hello(bytes);
+  ASSERT_TRUE(out.ok()) << out.error().to_string();
+  EXPECT_EQ(out->token, in.token);
+  in.token = std::string(kMaxTokenSize + 1, 'x');
+  EXPECT_FALSE(decode_hello(encode_hello(in)).ok());
+}
+
+TEST(Frame, TokensCompareByContentAndLength) {
+  EXPECT_TRUE(tokens_equal("0123456789abcdef", "0123456789abcdef"));
+  EXPECT_FALSE(tokens_equal("0123456789abcdef", "0123456789abcdeF"));
+  EXPECT_FALSE(tokens_equal("0123456789abcdef", "0123456789abcde"));
+  EXPECT_FALSE(tokens_equal("", "0123456789abcdef"));
+}
+
 }  // namespace
 }  // namespace vbridge

@@ -596,6 +596,47 @@ TEST_P(MalformedInput, IsAConnectionErrorWithAReason) {
   EXPECT_FALSE(guest.feed(testing::to_slice(pool, "x")).ok());
 }
 
+// Token handshake (unix and TCP transports): the guest answers only a HELLO with its token.
+TEST(MuxToken, MatchingTokenCompletesTheHandshake) {
+  BufferPool pool{256 * 1024, 64};
+  testing::RecordingHandler host_handler, guest_handler;
+  MuxConfig host_config, guest_config;
+  host_config.hello_token = "0123456789abcdef";
+  guest_config.expect_token = "0123456789abcdef";
+  Mux host(Role::kHost, host_handler, host_config), guest(Role::kGuest, guest_handler, guest_config);
+  EXPECT_FALSE(guest.has_output());  // nothing before the host's HELLO
+  testing::pump(host, guest, pool);
+  testing::pump(guest, host, pool);
+  EXPECT_TRUE(host.ready());
+  EXPECT_TRUE(guest.ready());
+  EXPECT_TRUE(guest.peer()->token.empty());  // not kept once checked
+}
+
+TEST(MuxToken, WrongOrMissingTokenFailsWithKAuthAndTheRefusalNamesIt) {
+  for (const std::string token : {"fedcba9876543210", ""}) {
+    BufferPool pool{256 * 1024, 64};
+    testing::RecordingHandler host_handler, guest_handler;
+    MuxConfig host_config, guest_config;
+    host_config.hello_token = token;
+    guest_config.expect_token = "0123456789abcdef";
+    Mux host(Role::kHost, host_handler, host_config), guest(Role::kGuest, guest_handler, guest_config);
+    Status st;
+    testing::pump(host, guest, pool, 1 << 20, &st);
+    ASSERT_FALSE(st.ok());
+    EXPECT_EQ(st.error().code, ErrorCode::kAuth);
+    EXPECT_FALSE(guest.ready());
+    EXPECT_FALSE(guest.has_output());  // no HELLO for a bad token
+    // The caller answers with encode_refusal; the host names it.
+    const auto refusal = encode_refusal(st.error().message);
+    const Status host_st = host.feed(testing::to_slice(
+        pool, std::string_view(reinterpret_cast<const char*>(refusal.data()), refusal.size())));
+    ASSERT_FALSE(host_st.ok());
+    EXPECT_EQ(host_st.error().code, ErrorCode::kAuth);
+    EXPECT_NE(host_st.error().message.find("peer refused the handshake: bad token"), std::string::npos)
+        << host_st.error().message;
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Classes, MalformedInput,
     ::testing::Values(
