@@ -490,8 +490,10 @@ uint32_t Agent::next_owner() {
 
 void Agent::start_session(int fd, std::string peer, Slice first) {
   ++counters_.host_connections;
-  log::info("host connected: {}", peer);
   const TransportKind kind = endpoint_.kind();
+  // A listener connection is news only once its HELLO checked out (Session::on_ready says so).
+  const log::Level level = kind == TransportKind::kSerial ? log::Level::kInfo : log::Level::kDebug;
+  log::at(level, 0, "host connected: {}", peer);
   auto session = std::make_unique<Session>(*env_, next_owner(), fd, kind, std::move(peer));
   if (kind == TransportKind::kSerial) {
     // The port is served by one session at a time; this one starts only once the previous one let go.
