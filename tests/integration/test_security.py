@@ -100,6 +100,9 @@ class HostileFramesTest(FixtureTestCase):
     def test_every_malformed_frame_class_is_answered_and_the_agent_keeps_serving(self) -> None:
         servers = GuestServers(self.workdir)
         share = self.workdir.mkdir("share")
+        # What "../escape" would reach from the share: it must not be touched (ctime would move).
+        outside = self.workdir.write("escape", "outside the share")
+        before = os.stat(outside).st_ctime_ns
         guest = GuestAgent(self.workdir, extra=["--forward", f"echo={servers.echo}", "--forward",
                                                 f"stall={servers.stall}", "--share", f"s={share}",
                                                 "--no-ports"], log_level="info").start()
@@ -125,6 +128,7 @@ class HostileFramesTest(FixtureTestCase):
         fatal = sum(1 for p in CONNECTION_CASES.values() if p is not None)
         self.assertEqual(log.count("host connection failed: "), fatal, log[-6000:])
         self.assertEqual(log.count("file events: refused path"), 5, log[-6000:])
+        self.assertEqual(os.stat(outside).st_ctime_ns, before)
         self.assertTrue(guest.process.alive(), guest.process.logs())
 
         # A real host agent still gets a working bridge.
