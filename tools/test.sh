@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # Runs the whole test suite, as CI does: installs the packages (tools/setup.sh), then
-#   build/       Release, warnings as errors          -> ctest (unit + integration)
-#   build-asan/  AddressSanitizer + UBSan             -> ctest -L unit
+#   build/       Release, warnings as errors          -> ctest (unit + integration, incl. faults, soak, load)
+#   build-asan/  AddressSanitizer + UBSan             -> ctest -L unit, then the integration suites with the
+#                                                        agents under ASan (soak and load shortened)
+#   build-tsan/  ThreadSanitizer                      -> what has threads: unit tests, the guest agent suite's
+#                                                        threaded servers, vbridge-soak's churn (faults, load)
 #   build-fuzz/  clang, libFuzzer (if VBRIDGE_FUZZ)    -> ctest -L fuzz
 # Stops at the first failing step. Environment knobs for local use:
-#   VBRIDGE_TEST_SKIP_ASAN=1, VBRIDGE_TEST_SKIP_FUZZ=1   leave out those builds
-#   VBRIDGE_TEST_JOBS=N                                  parallel build / test jobs (default 2)
+#   VBRIDGE_TEST_SKIP_ASAN=1, VBRIDGE_TEST_SKIP_TSAN=1, VBRIDGE_TEST_SKIP_FUZZ=1   leave out those builds
+#   VBRIDGE_TEST_QUICK=1       leave out the long reliability suites (ctest labels soak, load, faults)
+#   VBRIDGE_SOAK_SECONDS=N     soak duration in build/ (default 300 under CI, 60 otherwise)
+#   VBRIDGE_TEST_JOBS=N        parallel build / test jobs (default 2)
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -51,19 +56,48 @@ step "build build/"
 cmake --build build -j "$jobs"
 step "clang-tidy on the protocol core (.clang-tidy; reported, not gating)"
 VBRIDGE_TIDY_FILTER='protocol/[a-z_]+\.cc$' "$root/tools/tidy.sh" build --extra-arg=-Wno-unknown-warning-option 2>&1 | tail -n 30 || echo "clang-tidy reported warnings (see above)"
+# The reliability suites (faults, soak, load) take about 7 minutes; VBRIDGE_TEST_QUICK=1 leaves them out.
+long_suites=()
+if [[ "${VBRIDGE_TEST_QUICK:-0}" == 1 ]]; then
+  long_suites=(-LE 'soak|load|faults')
+fi
 step "ctest in build/"
-(cd build && ctest --output-on-failure -j "$jobs")
+(cd build && ctest --output-on-failure -j "$jobs" "${long_suites[@]}")
 
 if [[ "${VBRIDGE_TEST_SKIP_ASAN:-0}" != 1 ]]; then
   step "configure build-asan/ (ASan + UBSan)"
-  configure build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DVBRIDGE_WERROR=ON -DVBRIDGE_SANITIZE=ON -DVBRIDGE_BENCH=OFF
+  # VBRIDGE_BENCH for vbridge-soak, the traffic of the reliability suites.
+  configure build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DVBRIDGE_WERROR=ON -DVBRIDGE_SANITIZE=ON -DVBRIDGE_BENCH=ON
   step "build build-asan/"
   cmake --build build-asan -j "$jobs"
+  export ASAN_OPTIONS="${ASAN_OPTIONS:-abort_on_error=1:detect_leaks=1:strict_string_checks=1}"
+  export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}"
   step "ctest -L unit in build-asan/"
+  (cd build-asan && ctest --output-on-failure -j "$jobs" -L unit)
+  # The agents run instrumented under every integration suite; an ASan or UBSan report aborts the agent,
+  # which fails the suite. dockerd, socat and the Python clients are not instrumented. The fixtures suite
+  # tests only the Python fixtures; the soak and load run shorter (their memory bounds are not asserted).
+  step "integration suites in build-asan/ (agents under ASan + UBSan)"
   (cd build-asan &&
-    ASAN_OPTIONS="${ASAN_OPTIONS:-abort_on_error=1:detect_leaks=1:strict_string_checks=1}" \
-      UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}" \
-      ctest --output-on-failure -j "$jobs" -L unit)
+    VBRIDGE_SOAK_SECONDS=60 VBRIDGE_LOAD_STREAMS=5000 VBRIDGE_LOAD_SECONDS=10 \
+      ctest --output-on-failure -j "$jobs" -L integration -E '^integration\.fixtures$' "${long_suites[@]}")
+  unset ASAN_OPTIONS UBSAN_OPTIONS
+fi
+
+# Neither agent has a thread (one libuv loop, one io_uring loop; no std::thread, uv_queue_work or pthread),
+# so TSan runs what does: the unit tests, the guest agent suite (its fake servers are threads), and
+# vbridge-soak's churn threads under the fault and load suites, with the agents instrumented too.
+if [[ "${VBRIDGE_TEST_SKIP_TSAN:-0}" != 1 ]]; then
+  step "configure build-tsan/ (ThreadSanitizer)"
+  configure build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DVBRIDGE_WERROR=ON -DVBRIDGE_TSAN=ON -DVBRIDGE_BENCH=ON
+  step "build build-tsan/"
+  cmake --build build-tsan -j "$jobs"
+  step "ctest in build-tsan/ (unit, guest agent suite, faults, load)"
+  (cd build-tsan &&
+    export TSAN_OPTIONS="${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1}" &&
+    ctest --output-on-failure -j "$jobs" -L unit &&
+    VBRIDGE_FAULTS=30 VBRIDGE_LOAD_STREAMS=2000 VBRIDGE_LOAD_SECONDS=5 \
+      ctest --output-on-failure -j "$jobs" -R '^(ReadModes/GuestAgent\.|integration\.(faults|load)$)' "${long_suites[@]}")
 fi
 
 if [[ "${VBRIDGE_TEST_SKIP_FUZZ:-0}" != 1 ]]; then

@@ -23,7 +23,7 @@ import unittest
 
 from agents import GuestAgent, HostAgent, binary
 from fixtures import FixtureError, FixtureTestCase, Netns, Process, wait_for
-from test_soak import RssSampler, mib, status_kib
+from test_soak import RssSampler, mib, sanitizer, status_kib
 
 IDLE_STREAMS = 1000
 CHURN_RATE = 1000  # new connections per second
@@ -129,8 +129,11 @@ class LoadTest(FixtureTestCase):
         self.assertGreater(churned["connections"], 0)
         self.assertEqual(rechecked["echoed"], streams, rechecked)
         self.assertEqual(status["agent"]["clients_failed"], 0, status)
-        for name in agents:
-            self.assertLess(peak[name], bound_kib, f"{name} agent memory with {streams} streams")
+        if sanitizer():
+            print(f"  agents built with {sanitizer()}: memory bound not asserted")
+        else:
+            for name in agents:
+                self.assertLess(peak[name], bound_kib, f"{name} agent memory with {streams} streams")
         host.process.check_alive("after the load")
         guest.process.check_alive("after the load")
 

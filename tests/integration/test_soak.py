@@ -31,7 +31,8 @@ import time
 import unittest
 
 from agents import GuestAgent, HostAgent, binary
-from fixtures import FixtureTestCase, Netns, Process, WaitTimeout, strict_mode, wait_for, wait_for_tcp
+from fixtures import (FixtureTestCase, Netns, Process, WaitTimeout, build_dir, strict_mode, wait_for,
+                      wait_for_tcp)
 
 STREAMS = 64
 SLOW_READERS = 8
@@ -39,6 +40,22 @@ WINDOW = 4 << 20  # the agents' default per-stream window (--window-kib 4096)
 ALLOWANCE = 64 << 20  # pool caches (64 x 256 KiB), io_uring buffer rings, read arenas, the binary and its libraries
 PIN_FACTOR = 4  # a 256 KiB transport read block per 64 KiB frame: what a slow reader's window can keep alive
 POOL_CACHE = 20 << 20  # the host's pool once idle: up to 64 cached 256 KiB buffers and its read arenas
+
+
+def sanitizer() -> str | None:
+    """The sanitizer the agents under test were built with (from the build's CMakeCache.txt), or None.
+
+    Their resident memory then says little about the bridge (shadow memory, ASan's quarantine of freed
+    blocks), so the memory bounds are reported but not asserted."""
+    try:
+        with open(os.path.join(build_dir(), "CMakeCache.txt")) as f:
+            cache = f.read()
+    except OSError:
+        return None
+    for option, name in (("VBRIDGE_SANITIZE", "ASan+UBSan"), ("VBRIDGE_TSAN", "TSan")):
+        if f"{option}:BOOL=ON" in cache:
+            return name
+    return None
 
 
 def soak_seconds() -> float:
@@ -211,9 +228,12 @@ class SoakTest(FixtureTestCase):
         self.assertEqual(result["errors"], 0, result.get("first_error"))
         if slow:
             self.assertGreater(result["slow_streams_completed"], 0, "a slow reader must finish too")
-        for name in agents:
-            self.assertLess(peak[name], bound_kib, f"{name} agent grew past its windows")
         self.assertLessEqual(pool_after["bytes"], POOL_CACHE, f"host buffers still live after the run: {pool_after}")
+        if sanitizer():
+            print(f"  agents built with {sanitizer()}: memory bounds not asserted")
+        else:
+            for name in agents:
+                self.assertLess(peak[name], bound_kib, f"{name} agent grew past its windows")
         host.process.check_alive("after the soak")
         guest.process.check_alive("after the soak")
 
