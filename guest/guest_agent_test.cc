@@ -1041,6 +1041,24 @@ TEST_P(GuestAgent, WrongOrMissingTokenIsRefusedAndTheActiveHostKeepsServing) {
   expect_clean_exit();
 }
 
+// Connections that never send their HELLO are bounded: the ninth pushes the oldest out, and the active host
+// connection is not among them.
+TEST_P(GuestAgent, SilentConnectionsAreBoundedAndDoNotDisturbTheActiveHost) {
+  start();
+  auto host = connect();
+  ASSERT_TRUE(host->pump_until([&] { return host->mux().ready(); })) << agent_->log();
+  std::vector<int> silent;
+  for (int i = 0; i < 9; ++i) silent.push_back(agent_->connect_host());
+  char byte = 0;
+  const bool oldest_closed =
+      wait_until([&] { return recv(silent[0], &byte, 1, MSG_DONTWAIT) == 0; }, kDeadline);
+  EXPECT_TRUE(oldest_closed) << agent_->log();
+  EXPECT_TRUE(agent_->wait_log("newer connections are waiting for their HELLO")) << agent_->log();
+  EXPECT_EQ(recv(silent[8], &byte, 1, MSG_DONTWAIT), -1);  // the newest still waits
+  expect_echo(*host, "the active host is untouched");
+  for (const int fd : silent) close(fd);
+}
+
 TEST_P(GuestAgent, UnixTransportWithoutTokenFileIsAConfigurationError) {
   for (const auto& [flags, needle] : std::vector<std::pair<std::vector<std::string>, std::string>>{
            {{}, "lets any process that reaches it use the bridge: pass --token-file PATH"},
