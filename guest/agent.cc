@@ -99,6 +99,7 @@ Status Agent::setup() {
   env_ = std::make_unique<SessionEnv>(SessionEnv{*loop_, *transport_buffers_, *conn_buffers_, targets_,
                                                  counters_, config_.mux, *this, datagram_pool_,
                                                  datagram_arena_});
+  env_->splice = config_.splice;
 
   if (!config_.shares.empty()) {
     auto injector = file_events::Injector::create(config_.shares);

@@ -59,6 +59,7 @@ struct AgentConfig {
   TargetConfig targets;
   std::chrono::milliseconds drain_timeout{2000};
   bool buffer_rings = true;         // false: plain reads into per-read pool buffers
+  bool splice = false;              // bulk transfers from guest sockets move by splice(2) (--splice)
   size_t buffer_size = 256 * 1024;  // one pool buffer; also the largest single read
   unsigned transport_ring_entries = 16;
   unsigned conn_ring_entries = 32;

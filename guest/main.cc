@@ -33,6 +33,7 @@ int main(int argc, char** argv) {
   bool insecure_no_token = false;
   double drain_seconds = 2.0;
   bool no_buffer_ring = false;
+  bool splice = false;
   size_t buffer_kib = 256;
 
   app.add_option(
@@ -91,6 +92,10 @@ int main(int argc, char** argv) {
       "--no-buffer-ring", no_buffer_ring,
       "Read into a pool buffer per read instead of io_uring provided-buffer rings (the automatic fallback "
       "on kernels before 5.19; also useful for comparison)");
+  app.add_flag(
+      "--splice", splice,
+      "Move bulk transfers from guest sockets to the transport by splice(2) through a pipe instead of "
+      "reads into memory (fewer copies in this agent; see bench/RESULTS.md for when it wins)");
   app.add_option("--buffer-kib", buffer_kib,
                  "Size of one read buffer in KiB; also the largest single read from a socket")
       ->check(CLI::Range(size_t{4}, size_t{1024}))
@@ -163,6 +168,7 @@ int main(int argc, char** argv) {
   }
   config.drain_timeout = std::chrono::milliseconds(static_cast<int64_t>(drain_seconds * 1000));
   config.buffer_rings = !no_buffer_ring;
+  config.splice = splice;
   config.buffer_size = buffer_kib * 1024;
 
   auto agent = guest::Agent::create(std::move(config));

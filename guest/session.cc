@@ -1,5 +1,6 @@
 #include "guest/session.h"
 
+#include <fcntl.h>
 #include <fmt/format.h>
 #include <poll.h>
 #include <unistd.h>
@@ -55,6 +56,10 @@ struct Session::Conn {
   bool reading = false;
   bool read_eof = false;
   Slice read_hold;  // plain mode: the buffer of the read in flight
+  // A bulk transfer from the guest socket moves by splice through this pipe (see on_conn_pollin); the read
+  // in flight is then a readiness poll.
+  std::shared_ptr<Pipe> pipe;
+  bool read_polls = false;
 
   WriteQueue out;
   bool writing = false;
@@ -145,6 +150,8 @@ void Session::on_completion(const Tag& tag, const io_uring_cqe& cqe) {
     case Op::kConnRead:
       if (c.datagram) {
         on_datagrams_readable(c, cqe.res);
+      } else if (c.read_polls) {
+        on_conn_pollin(c, cqe.res);
       } else {
         on_conn_read(c, cqe);
       }
@@ -172,6 +179,8 @@ void Session::flush() {
     }
     dirty_work_.clear();
   }
+  // Splices in sync() may have queued bytes.
+  if (!closing_) arm_transport_write();
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -200,19 +209,56 @@ void Session::arm_transport_read() {
 
 void Session::arm_transport_write() {
   if (writing_ || !mux_.has_output()) return;
-  const size_t n = mux_.prepare_output(iov_);
-  if (n == 0) return;
-  io_uring_sqe* sqe = transport_sqe(Op::kTransportWrite);
-  if (kind_ == TransportKind::kSerial) {
-    io_uring_prep_writev(sqe, fd_, iov_.data(), static_cast<unsigned>(n), static_cast<uint64_t>(-1));
-  } else {
-    msg_ = msghdr{};
-    msg_.msg_iov = iov_.data();
-    msg_.msg_iovlen = n;
-    io_uring_prep_sendmsg(sqe, fd_, &msg_, MSG_NOSIGNAL);
+  if (kind_ != TransportKind::kSerial) {
+    write_transport_now();
+    return;
   }
+  const size_t n = mux_.prepare_output(iov_);
+  if (n == 0) return;  // a serial session never pipes (see on_conn_read)
+  io_uring_sqe* sqe = transport_sqe(Op::kTransportWrite);
+  io_uring_prep_writev(sqe, fd_, iov_.data(), static_cast<unsigned>(n), static_cast<uint64_t>(-1));
   writing_ = true;
   ++env_.counters.transport_writes;
+}
+
+// Socket transports are written at once, nonblocking, rather than through the ring: a piped payload must
+// follow its frame header, and a round trip through the ring per frame costs more than the write itself.
+// Only a full socket waits, for POLLOUT in the ring.
+void Session::write_transport_now() {
+  for (;;) {
+    const size_t count = mux_.prepare_output(iov_);
+    ssize_t n;
+    if (count != 0) {
+      msg_ = msghdr{};
+      msg_.msg_iov = iov_.data();
+      msg_.msg_iovlen = count;
+      n = ::sendmsg(fd_, &msg_, MSG_DONTWAIT | MSG_NOSIGNAL);
+    } else if (const auto piped = mux_.piped_output()) {
+      n = ::splice(piped->pipe->read_fd(), nullptr, fd_, nullptr, piped->size,
+                   SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+    } else {
+      return;
+    }
+    if (n > 0) {
+      env_.counters.transport_bytes_out += static_cast<uint64_t>(n);
+      ++env_.counters.transport_writes;
+      mux_.consume_output(static_cast<size_t>(n));
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && errno == EAGAIN) {
+      io_uring_sqe* sqe = transport_sqe(Op::kTransportWrite);
+      io_uring_prep_poll_add(sqe, fd_, POLLOUT);
+      writing_ = true;
+      transport_polling_ = true;
+      return;
+    }
+    ++env_.counters.host_failures;
+    close(n == 0 ? std::string("host connection failed: a stream's pipe ran dry (internal accounting)")
+                 : fmt::format("host connection failed: write: {}", std::strerror(errno)),
+          log::Level::kWarn);
+    return;
+  }
 }
 
 void Session::on_transport_read(const io_uring_cqe& cqe) {
@@ -253,6 +299,13 @@ void Session::on_transport_write(int res) {
   writing_ = false;
   --inflight_;
   if (closing_) return;
+  if (transport_polling_) {
+    transport_polling_ = false;
+    if (res >= 0 || res == -EINTR) return;  // writable (or worth another try): flush() splices on
+    ++env_.counters.host_failures;
+    close(fmt::format("host connection failed: poll: {}", std::strerror(-res)), log::Level::kWarn);
+    return;
+  }
   if (res > 0) {
     env_.counters.transport_bytes_out += static_cast<uint64_t>(res);
     mux_.consume_output(static_cast<size_t>(res));
@@ -532,7 +585,19 @@ void Session::on_conn_read(Conn& c, const io_uring_cqe& cqe) {
   if (c.phase == Conn::Phase::kClosing) return;
   if (cqe.res > 0) {
     env_.counters.bytes_from_guest += bytes.size();
-    if (!mux_.send(c.id, std::move(bytes))) fail_conn(c, "stream no longer accepts data");
+    const size_t n = bytes.size();
+    if (!mux_.send(c.id, std::move(bytes))) {
+      fail_conn(c, "stream no longer accepts data");
+      return;
+    }
+    // A read this large marks a bulk transfer: from now on its bytes move through a pipe.
+    if (n >= kSpliceAfterRead && env_.splice && kind_ != TransportKind::kSerial && c.pipe == nullptr) {
+      if (auto pipe = Pipe::create(kPipeBytes)) {
+        c.pipe = std::move(*pipe);
+        log::at(log::Level::kDebug, c.id, "bulk transfer from {}, moving bytes by splice",
+                c.plan.description);
+      }
+    }
     return;
   }
   if (cqe.res == 0) {
@@ -544,6 +609,47 @@ void Session::on_conn_read(Conn& c, const io_uring_cqe& cqe) {
   const int err = -cqe.res;
   if (err == ENOBUFS || err == EAGAIN || err == EINTR) return;  // sync() re-arms the read
   fail_conn(c, fmt::format("{}: read: {}", c.plan.description, std::strerror(err)));
+}
+
+// The guest socket of a bulk transfer is readable: its bytes go into the stream's pipe by reference.
+void Session::on_conn_pollin(Conn& c, int res) {
+  c.reading = false;
+  c.read_polls = false;
+  if (c.phase == Conn::Phase::kClosing || res == -EINTR) return;
+  if (res < 0) {
+    fail_conn(c, fmt::format("{}: poll: {}", c.plan.description, std::strerror(-res)));
+    return;
+  }
+  for (int i = 0; i < 4; ++i) {
+    const size_t want = std::min(mux_.send_capacity(c.id), c.pipe->room());
+    if (want == 0) return;
+    const ssize_t n =
+        ::splice(c.fd, nullptr, c.pipe->write_fd(), nullptr, want, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+    if (n == 0) {
+      log::at(log::Level::kDebug, c.id, "guest socket shut its write side");
+      c.read_eof = true;
+      mux_.shutdown_write(c.id);
+      return;
+    }
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      // Readable, yet nothing moved: the pipe's slots are full of small pieces. Plain reads take over (the
+      // mux keeps pipe and memory bytes in order); a large read brings a fresh pipe.
+      if (errno == EAGAIN) {
+        if (i == 0) c.pipe.reset();
+        return;
+      }
+      fail_conn(c, fmt::format("{}: splice: {}", c.plan.description, std::strerror(errno)));
+      return;
+    }
+    env_.counters.bytes_from_guest += static_cast<uint64_t>(n);
+    c.pipe->filled += static_cast<size_t>(n);
+    if (!mux_.send_piped(c.id, c.pipe, static_cast<size_t>(n))) {
+      fail_conn(c, "stream no longer accepts data");
+      return;
+    }
+    if (static_cast<size_t>(n) < want) return;
+  }
 }
 
 // Host → guest: each datagram of the records is one send(). The credit goes back at once: nothing is kept.
@@ -649,6 +755,14 @@ void Session::sync(Conn& c) {
 }
 
 void Session::arm_conn_read(Conn& c, size_t capacity) {
+  // With its pipe full the stream reads into memory meanwhile; the mux keeps the order.
+  if (c.pipe != nullptr && c.pipe->room() > 0) {
+    io_uring_sqe* sqe = conn_sqe(c, Op::kConnRead);
+    io_uring_prep_poll_add(sqe, c.fd, POLLIN);
+    c.reading = true;
+    c.read_polls = true;
+    return;
+  }
   const size_t len = std::min(capacity, env_.conn_buffers.block_size());
   io_uring_sqe* sqe = conn_sqe(c, Op::kConnRead);
   io_uring_prep_recv(sqe, c.fd, nullptr, 0, 0);

@@ -104,6 +104,7 @@ struct SessionEnv {
   BufferPool& datagram_pool;  // blocks of at least kMaxDatagram + kDatagramPrefix bytes
   ReadArena& datagram_arena;  // UDP replies, read one at a time into its tail
   bool multishot = true;      // cleared for good when the kernel refuses multishot RECV
+  bool splice = false;        // bulk transfers from guest sockets move by splice(2), not through memory
 };
 
 class Session final : public MuxHandler {
@@ -158,6 +159,7 @@ class Session final : public MuxHandler {
   io_uring_sqe* transport_sqe(Op op);
   void arm_transport_read();
   void arm_transport_write();
+  void write_transport_now();
   void on_transport_read(const io_uring_cqe& cqe);
   void on_transport_write(int res);
   void feed(const Slice& bytes);
@@ -170,6 +172,7 @@ class Session final : public MuxHandler {
   void on_dial(Conn& c, int res);
   void dial_failed(Conn& c, int err);
   void on_conn_read(Conn& c, const io_uring_cqe& cqe);
+  void on_conn_pollin(Conn& c, int res);
   void on_datagrams_readable(Conn& c, int res);
   void send_datagrams(Conn& c, const Slice& records);
   void on_conn_write(Conn& c, int res);
@@ -203,6 +206,7 @@ class Session final : public MuxHandler {
   bool multishot_armed_ = false;
   Slice read_hold_;  // plain mode: the buffer of the transport read in flight
   bool writing_ = false;
+  bool transport_polling_ = false;  // the write in flight is a POLLOUT wait before a splice
   std::array<iovec, kTransportIov> iov_{};
   msghdr msg_{};
 

@@ -184,6 +184,7 @@ StreamSink* Agent::on_stream_open(Session& session, StreamId id, const wire::Tar
 void Agent::accept_client(UniqueFd client, BridgeOptions options) {
   if (stopping_) return;
   ++counters_.clients_accepted;
+  options.splice = config_.splice;
   auto bridge =
       std::make_unique<SocketBridge>(loop_, std::move(client), client_arena_, *this, std::move(options));
   SocketBridge* raw = bridge.get();

@@ -50,6 +50,7 @@ struct AgentConfig {
   std::string token_file;                           // where the token came from, for error messages
   int connect_timeout_ms = 2000;
   int pending_timeout_ms = 5000;  // how long a client waits for the transport before an error
+  bool splice = false;            // bulk transfers from host clients move by splice(2) (--splice)
   int keepalive_ms = 5000;        // PING period; 3 unanswered pings mean the guest is gone
   int max_backoff_ms = 500;
 };

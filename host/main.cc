@@ -78,6 +78,7 @@ int main(int argc, char** argv) {
   std::string token_file;
   uint32_t window_kib = 4096;
   int keepalive_ms = 5000;
+  bool splice = false;
   bool serial_chardev = false;
   std::vector<std::string> shares;
   std::vector<std::string> publish;
@@ -144,6 +145,10 @@ int main(int argc, char** argv) {
       "--serial-chardev", serial_chardev,
       "The transport is a VMM's virtio-serial chardev socket (QEMU): the byte pipe outlives both agents, "
       "so skip a restarted guest's stale bytes until its HELLO instead of failing");
+  app.add_flag(
+      "--splice", splice,
+      "Move bulk transfers from host clients to the transport by splice(2) through a pipe instead of "
+      "read + gather write (fewer copies in this agent; see bench/RESULTS.md for when it wins)");
   app.add_option("--keepalive-ms", keepalive_ms, "PING period; three missed answers drop the transport")
       ->capture_default_str()
       ->check(CLI::Range(100, 600000));
@@ -177,6 +182,7 @@ int main(int argc, char** argv) {
   config.instance = instance;
   config.status_path = status_sock.empty() ? runtime_dir + "/status.sock" : status_sock;
   config.keepalive_ms = keepalive_ms;
+  config.splice = splice;
   config.mux.initial_window = window_kib * 1024;
   config.mux.resync = serial_chardev;
   if (!token_file.empty()) {

@@ -1,5 +1,6 @@
 #include "host/session.h"
 
+#include <fcntl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -84,11 +85,18 @@ void Session::write_transport() {
   iovec iov[IOV_MAX < 128 ? IOV_MAX : 128];
   for (;;) {
     const size_t count = mux_.prepare_output(iov);
-    if (count == 0) {
+    ssize_t n;
+    if (count != 0) {
+      n = retry_eintr([&] { return ::writev(poller_.fd(), iov, static_cast<int>(count)); });
+    } else if (const auto piped = mux_.piped_output()) {
+      n = retry_eintr([&] {
+        return ::splice(piped->pipe->read_fd(), nullptr, poller_.fd(), nullptr, piped->size,
+                        SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+      });
+    } else {
       poller_.want(true, false);
       return;
     }
-    const ssize_t n = retry_eintr([&] { return ::writev(poller_.fd(), iov, static_cast<int>(count)); });
     if (n < 0) {
       if (errno == EAGAIN) {
         poller_.want(true, true);
@@ -98,6 +106,11 @@ void Session::write_transport() {
       // The peer may have said why before it closed (a HELLO of another version, GOAWAY): read that first.
       if (err == EPIPE || err == ECONNRESET) read_transport();
       if (!lost_) lose(errno_error("transport write failed", err));
+      return;
+    }
+    if (n == 0) {
+      // A piped frame whose bytes are not in its pipe: the accounting is broken; better to start over.
+      lose(Error{ErrorCode::kIo, 0, "splice to the transport found the stream's pipe empty"});
       return;
     }
     mux_.consume_output(static_cast<size_t>(n));

@@ -1,5 +1,6 @@
 #include "host/socket_bridge.h"
 
+#include <fcntl.h>
 #include <fmt/format.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -10,6 +11,9 @@
 #include "protocol/log.h"
 
 namespace vbridge {
+
+// One read moves at most this much, so a bulk client's wakeup stays short beside interactive ones.
+constexpr size_t kMaxReadPerWakeup = 256 * 1024;
 
 SocketBridge::SocketBridge(uv_loop_t* loop, UniqueFd client, ReadArena& arena, BridgeOwner& owner,
                            BridgeOptions options)
@@ -123,24 +127,66 @@ void SocketBridge::read_client() {
   for (int i = 0; i < 4; ++i) {
     const size_t capacity = mux.send_capacity(id_);
     if (capacity == 0) break;
-    std::span<std::byte> space = arena_.writable();
-    const size_t want = std::min(capacity, space.size());
-    const ssize_t n = retry_eintr([&] { return ::read(poller_.fd(), space.data(), want); });
-    if (n < 0) {
-      if (errno == EAGAIN) break;
-      abort(fmt::format("client socket read failed: {}", std::strerror(errno)));
-      return;
-    }
-    if (n == 0) {
+    const ReadOutcome r = pipe_ != nullptr ? splice_client(capacity) : copy_client(capacity);
+    if (r == ReadOutcome::kFailed) return;
+    if (r == ReadOutcome::kEof) {
       client_eof_ = true;
       mux.shutdown_write(id_);
       break;
     }
-    mux.send(id_, arena_.commit(static_cast<size_t>(n)));
-    if (static_cast<size_t>(n) < want) break;
+    if (r == ReadOutcome::kDrained) break;
   }
   if (session_ != nullptr) session_->flush();
   if (!done_) update_interest();
+}
+
+// Small exchanges go through memory: one read, and the bytes leave with their frame header in one gather
+// write. A read that fills a large buffer marks a bulk transfer, which switches the stream to a pipe.
+SocketBridge::ReadOutcome SocketBridge::copy_client(size_t capacity) {
+  std::span<std::byte> space = arena_.writable();
+  const size_t want = std::min({capacity, space.size(), kMaxReadPerWakeup});
+  const ssize_t n = retry_eintr([&] { return ::read(poller_.fd(), space.data(), want); });
+  if (n < 0) {
+    if (errno == EAGAIN) return ReadOutcome::kDrained;
+    abort(fmt::format("client socket read failed: {}", std::strerror(errno)));
+    return ReadOutcome::kFailed;
+  }
+  if (n == 0) return ReadOutcome::kEof;
+  session_->mux().send(id_, arena_.commit(static_cast<size_t>(n)));
+  if (pipe_ == nullptr && options_.splice && static_cast<size_t>(n) >= kSpliceAfterRead) {
+    if (auto pipe = Pipe::create(kPipeBytes)) {
+      pipe_ = std::move(*pipe);
+      log::at(log::Level::kDebug, id_, "{}: bulk transfer, moving bytes by splice", options_.name);
+    } else {
+      options_.splice = false;  // no pipe (out of descriptors): stay with reads
+    }
+  }
+  return static_cast<size_t>(n) < want ? ReadOutcome::kDrained : ReadOutcome::kMore;
+}
+
+// Bulk: the client's bytes go into the stream's pipe by reference and from there to the transport.
+SocketBridge::ReadOutcome SocketBridge::splice_client(size_t capacity) {
+  const size_t want = std::min(capacity, pipe_->room());
+  ssize_t n = -1;
+  if (want > 0) {
+    n = retry_eintr([&] {
+      return ::splice(poller_.fd(), nullptr, pipe_->write_fd(), nullptr, want,
+                      SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+    });
+    if (n < 0 && errno != EAGAIN) {
+      abort(fmt::format("client socket splice failed: {}", std::strerror(errno)));
+      return ReadOutcome::kFailed;
+    }
+  }
+  if (n < 0) {
+    // EAGAIN: the socket is empty, or the pipe's slots are full of small pieces. A plain read tells which,
+    // and keeps the stream moving in the second case (the mux keeps the order of pipe and memory bytes).
+    return copy_client(capacity);
+  }
+  if (n == 0) return ReadOutcome::kEof;
+  pipe_->filled += static_cast<size_t>(n);
+  session_->mux().send_piped(id_, pipe_, static_cast<size_t>(n));
+  return static_cast<size_t>(n) < want ? ReadOutcome::kDrained : ReadOutcome::kMore;
 }
 
 void SocketBridge::write_client() {

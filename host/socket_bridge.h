@@ -8,6 +8,7 @@
 
 #include "host/poller.h"
 #include "host/session.h"
+#include "protocol/pipe.h"
 
 namespace vbridge {
 
@@ -24,6 +25,7 @@ struct BridgeOptions {
   wire::TargetT target;
   std::string name;          // for logs and errors, e.g. "docker"
   bool http_errors = false;  // answer a failed open with an HTTP error the client can show
+  bool splice = true;        // move bulk transfers by splice(2) instead of through memory
 };
 
 class SocketBridge final : public StreamSink {
@@ -48,7 +50,10 @@ class SocketBridge final : public StreamSink {
 
  private:
   void on_poll(int status, int events);
+  enum class ReadOutcome { kMore, kDrained, kEof, kFailed };
   void read_client();
+  ReadOutcome copy_client(size_t capacity);
+  ReadOutcome splice_client(size_t capacity);
   void write_client();
   void update_interest();
   void abort(const std::string& why);
@@ -60,6 +65,7 @@ class SocketBridge final : public StreamSink {
   Poller poller_;
   Session* session_ = nullptr;
   StreamId id_ = 0;
+  std::shared_ptr<Pipe> pipe_;   // set once the stream carries a bulk transfer (see copy_client)
   std::deque<Slice> to_client_;  // stream bytes waiting for the client socket
   bool stream_live_ = false;     // the stream exists in the mux
   bool client_eof_ = false;      // the client half-closed (we sent FIN)

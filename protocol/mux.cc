@@ -21,14 +21,14 @@ constexpr size_t kMaxSpareFrames = 256;
 struct Mux::Stream {
   StreamId id;
   StreamPhase phase;
-  bool fin_queued = false;    // the application asked for shutdown_write
-  bool fin_sent = false;      // our FIN frame is queued for the transport
-  bool fin_received = false;  // the peer's FIN arrived
-  bool in_ready = false;      // present in ready_
-  uint64_t send_credit;       // bytes the peer still lets us send
-  uint64_t recv_window;       // bytes the peer may still send us
-  uint64_t recv_unacked = 0;  // consumed bytes not yet returned as credit
-  std::deque<Slice> pending;  // bytes queued by send(), not yet framed
+  bool fin_queued = false;           // the application asked for shutdown_write
+  bool fin_sent = false;             // our FIN frame is queued for the transport
+  bool fin_received = false;         // the peer's FIN arrived
+  bool in_ready = false;             // present in ready_
+  uint64_t send_credit;              // bytes the peer still lets us send
+  uint64_t recv_window;              // bytes the peer may still send us
+  uint64_t recv_unacked = 0;         // consumed bytes not yet returned as credit
+  std::deque<PendingBytes> pending;  // bytes queued by send()/send_piped(), not yet framed
   uint64_t pending_bytes = 0;
 
   // What the application was told about capacity; send_capacity() records it, hence mutable.
@@ -431,6 +431,8 @@ size_t Mux::prepare_output(std::span<iovec> out) {
       skip = 0;
     };
     add(f.header.data(), f.header.size());
+    // Piped bytes cannot be named by an iovec: the caller splices them (piped_output) and comes back.
+    if (f.piped != 0) break;
     if (!f.payload.empty()) add(f.payload.data(), f.payload.size());
     if (!f.owned.empty()) add(f.owned.data(), f.owned.size());
     if (f.small_size != 0) add(f.small.data(), f.small_size);
@@ -443,9 +445,12 @@ void Mux::consume_output(size_t n) {
   while (!out_.empty() && out_consumed_ >= out_.front()->size()) {
     OutFrame& f = *out_.front();
     out_consumed_ -= f.size();
-    out_data_bytes_ -= f.payload.size();
+    out_data_bytes_ -= f.payload.size() + f.piped;
+    if (f.pipe != nullptr) f.pipe->filled -= f.piped;
     if (spare_frames_.size() < kMaxSpareFrames) {
       f.payload.reset();
+      f.pipe.reset();
+      f.piped = 0;
       f.owned = {};
       f.small_size = 0;
       spare_frames_.push_back(std::move(out_.front()));
@@ -499,15 +504,20 @@ void Mux::schedule() {
     s->in_ready = false;
     uint64_t budget = std::min<uint64_t>(config_.quantum, s->send_credit);
     while (budget > 0 && !s->pending.empty()) {
-      Slice& head = s->pending.front();
+      PendingBytes& head = s->pending.front();
       const size_t take = std::min<size_t>({head.size(), budget, frame_limit});
       OutFrame& f = queue_frame(FrameType::kData, id, static_cast<uint32_t>(take));
-      if (take == head.size()) {
-        f.payload = std::move(head);
+      if (head.pipe != nullptr) {
+        f.pipe = head.pipe;
+        f.piped = static_cast<uint32_t>(take);
+        head.piped -= take;
+        if (head.piped == 0) s->pending.pop_front();
+      } else if (take == head.bytes.size()) {
+        f.payload = std::move(head.bytes);
         s->pending.pop_front();
       } else {
-        f.payload = head.sub(0, take);
-        head.advance(take);
+        f.payload = head.bytes.sub(0, take);
+        head.bytes.advance(take);
       }
       budget -= take;
       s->send_credit -= take;
@@ -581,9 +591,32 @@ bool Mux::send(StreamId id, Slice data) {
   if (data.empty()) return true;
   s->pending_bytes += data.size();
   buffered_ += data.size();
-  s->pending.push_back(std::move(data));
+  s->pending.push_back(PendingBytes{std::move(data), nullptr, 0});
   update(*s);
   return true;
+}
+
+bool Mux::send_piped(StreamId id, const std::shared_ptr<Pipe>& pipe, size_t n) {
+  Stream* s = find(id);
+  if (s == nullptr || s->phase == StreamPhase::kAccepting || s->fin_queued) return false;
+  if (n == 0) return true;
+  s->pending_bytes += n;
+  buffered_ += n;
+  // Consecutive reads into the same pipe make one entry: frames are cut from it in order either way.
+  if (!s->pending.empty() && s->pending.back().pipe == pipe) {
+    s->pending.back().piped += n;
+  } else {
+    s->pending.push_back(PendingBytes{Slice{}, pipe, n});
+  }
+  update(*s);
+  return true;
+}
+
+std::optional<Mux::PipedOutput> Mux::piped_output() const {
+  if (out_.empty()) return std::nullopt;
+  const OutFrame& f = *out_.front();
+  if (f.piped == 0 || out_consumed_ < kFrameHeaderSize) return std::nullopt;
+  return PipedOutput{f.pipe.get(), f.size() - out_consumed_};
 }
 
 size_t Mux::send_capacity(StreamId id) const {

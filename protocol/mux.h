@@ -27,6 +27,7 @@
 #include "protocol/buffer.h"
 #include "protocol/control_generated.h"
 #include "protocol/frame.h"
+#include "protocol/pipe.h"
 #include "protocol/result.h"
 
 namespace vbridge {
@@ -139,6 +140,17 @@ class Mux {
   void reject(StreamId id, int errno_value, const std::string& message);
   // Queues bytes on a stream. Returns false (and drops nothing) if the stream cannot send any more.
   bool send(StreamId id, Slice data);
+  // Queues `n` bytes the caller has spliced into `pipe` (this stream's own pipe): they leave the pipe for
+  // the transport by splice, never through memory. Mixes freely with send(); the order is kept.
+  bool send_piped(StreamId id, const std::shared_ptr<Pipe>& pipe, size_t n);
+  // When the next output bytes are piped payload, prepare_output() stops before them and this names the
+  // pipe and how many of its bytes come next: splice them to the transport and report them through
+  // consume_output() as usual.
+  struct PipedOutput {
+    Pipe* pipe;
+    size_t size;
+  };
+  std::optional<PipedOutput> piped_output() const;
   // How many more bytes send() should be given now: credit left minus bytes already queued, bounded by
   // the connection-wide cap. The application reads its socket only while this is positive.
   size_t send_capacity(StreamId id) const;
@@ -166,11 +178,20 @@ class Mux {
   struct Stream;
   struct OutFrame {
     HeaderBytes header;
-    Slice payload;                   // DATA payload: the sender's bytes
+    Slice payload;               // DATA payload: the sender's bytes
+    std::shared_ptr<Pipe> pipe;  // ... or `piped` bytes waiting in this pipe
+    uint32_t piped = 0;
     std::vector<std::byte> owned;    // CONTROL and RST payloads, built by the mux
     std::array<std::byte, 8> small;  // WINDOW_UPDATE, PING and PONG payloads, without a heap allocation
     uint8_t small_size = 0;
-    size_t size() const { return kFrameHeaderSize + payload.size() + owned.size() + small_size; }
+    size_t size() const { return kFrameHeaderSize + payload.size() + piped + owned.size() + small_size; }
+  };
+  // Bytes a stream queued: in memory, or `piped` bytes in a pipe.
+  struct PendingBytes {
+    Slice bytes;
+    std::shared_ptr<Pipe> pipe;
+    size_t piped = 0;
+    size_t size() const { return pipe != nullptr ? piped : bytes.size(); }
   };
 
   Status on_frame_header();
