@@ -504,6 +504,13 @@ class HostPeer final : public MuxHandler {
     return std::any_of(listeners.begin(), listeners.end(),
                        [&](const auto& l) { return std::get<0>(l) == proto && std::get<3>(l) == port; });
   }
+  // The same, for one address: other processes of the machine may take the same port number elsewhere
+  // once a test's listener is gone.
+  bool listening_on(wire::Proto proto, const std::string& address, uint16_t port) const {
+    return std::any_of(listeners.begin(), listeners.end(), [&](const auto& l) {
+      return std::get<0>(l) == proto && std::get<2>(l) == address && std::get<3>(l) == port;
+    });
+  }
 
   // Guest-opened streams: accepted when accept_opens, else refused.
   bool accept_opens = false;
@@ -829,7 +836,8 @@ TEST_P(GuestAgent, PortsSnapshotAfterHandshakeThenDiffsAndListenedPortsNeedNoFla
   ASSERT_TRUE(host->pump_until([&] { return host->snapshots == 1; })) << agent_->log();
   uint16_t port = 0;
   auto server = Server::tcp_loopback(echo, &port);
-  ASSERT_TRUE(host->pump_until([&] { return host->listening(wire::Proto::Tcp, port); }, milliseconds(2000)))
+  ASSERT_TRUE(host->pump_until([&] { return host->listening_on(wire::Proto::Tcp, "127.0.0.1", port); },
+                               milliseconds(5000)))
       << agent_->log();
   // Following ports: a port the guest listens on may be dialled without --allow-ports.
   const StreamId id = host->open_tcp(port);
@@ -838,7 +846,8 @@ TEST_P(GuestAgent, PortsSnapshotAfterHandshakeThenDiffsAndListenedPortsNeedNoFla
   ASSERT_TRUE(host->pump_until([&] { return host->stream(id).closed; })) << agent_->log();
   EXPECT_EQ(host->stream(id).data, "followed");
   server.reset();
-  ASSERT_TRUE(host->pump_until([&] { return !host->listening(wire::Proto::Tcp, port); }, milliseconds(2000)))
+  ASSERT_TRUE(host->pump_until([&] { return !host->listening_on(wire::Proto::Tcp, "127.0.0.1", port); },
+                               milliseconds(5000)))
       << agent_->log();
   EXPECT_EQ(host->snapshots, 1);
 }

@@ -20,12 +20,13 @@ std::string GuestCounters::to_string() const {
       "bytes_from_guest={} bytes_to_guest={} transport_bytes_in={} transport_bytes_out={} "
       "transport_writes={} "
       "frames_in={} frames_out={} datagrams_to_guest={} datagrams_from_guest={} datagrams_dropped={} "
-      "port_scans={} port_scan_errors={} ports_messages={} reverse_opened={} reverse_refused={}",
+      "port_scans={} port_scan_errors={} ports_messages={} reverse_opened={} reverse_refused={} "
+      "spliced_from_guest={}",
       host_connections, host_failures, peers_refused, accept_errors, serial_errors, streams_opened,
       open_denied, dial_failed, stream_errors, resets_from_host, streams_dropped, bytes_from_guest,
       bytes_to_guest, transport_bytes_in, transport_bytes_out, transport_writes, frames_in, frames_out,
       datagrams_to_guest, datagrams_from_guest, datagrams_dropped, port_scans, port_scan_errors,
-      ports_messages, reverse_opened, reverse_refused);
+      ports_messages, reverse_opened, reverse_refused, spliced_from_guest);
 }
 
 // A guest socket serving one stream. Per-direction progress sits in flags beside the phase:
@@ -643,6 +644,7 @@ void Session::on_conn_pollin(Conn& c, int res) {
       return;
     }
     env_.counters.bytes_from_guest += static_cast<uint64_t>(n);
+    env_.counters.spliced_from_guest += static_cast<uint64_t>(n);
     c.pipe->filled += static_cast<size_t>(n);
     if (!mux_.send_piped(c.id, c.pipe, static_cast<size_t>(n))) {
       fail_conn(c, "stream no longer accepts data");

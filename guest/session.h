@@ -73,6 +73,7 @@ struct GuestCounters {
   uint64_t ports_messages = 0;   // PORTS control messages sent
   uint64_t reverse_opened = 0;   // guest clients of --reverse-unix sockets given a stream
   uint64_t reverse_refused = 0;  // ... turned away (no host, or the host refused the name)
+  uint64_t spliced_from_guest = 0;  // --splice: bytes_from_guest that went socket → pipe → transport uncopied
 
   std::string to_string() const;
 };

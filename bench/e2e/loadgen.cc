@@ -1,7 +1,7 @@
 // vbridge-loadgen: the traffic source and sink of the end-to-end benchmarks.
 //
 //   vbridge-loadgen serve [--unix PATH]... [--tcp HOST:PORT]...
-//   vbridge-loadgen throughput --connect ADDR --seconds T [--streams N] [--reverse]
+//   vbridge-loadgen throughput --connect ADDR --seconds T [--streams N] [--reverse | --reverse-only]
 //   vbridge-loadgen rtt --connect ADDR --count N [--size BYTES] [--seconds T] [--background-bulk]
 //   vbridge-loadgen connrate --connect ADDR --seconds T [--parallel P]
 //
@@ -103,7 +103,7 @@ struct Options {
 };
 
 Options parse_options(int argc, char** argv) {
-  static const char* const kFlags[] = {"--reverse", "--background-bulk"};
+  static const char* const kFlags[] = {"--reverse", "--reverse-only", "--background-bulk"};
   static const char* const kValued[] = {"--unix",    "--tcp",   "--connect", "--seconds",
                                         "--streams", "--count", "--size",    "--parallel"};
   Options opt;
@@ -593,8 +593,10 @@ int run_throughput(const Options& opt) {
   Json j;
   j.str("mode", "throughput").str("connect", describe(a)).count("streams", static_cast<uint64_t>(streams));
   j.num("target_seconds", seconds);
-  j.raw("forward", throughput_direction(a, streams, seconds, false, error));
-  if (opt.has("--reverse")) j.raw("reverse", throughput_direction(a, streams, seconds, true, error));
+  if (!opt.has("--reverse-only")) j.raw("forward", throughput_direction(a, streams, seconds, false, error));
+  if (opt.has("--reverse") || opt.has("--reverse-only")) {
+    j.raw("reverse", throughput_direction(a, streams, seconds, true, error));
+  }
   if (!error.empty()) j.str("error", error);
   print_line(j.text());
   return error.empty() ? 0 : 1;
