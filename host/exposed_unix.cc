@@ -10,6 +10,7 @@
 #include <deque>
 
 #include "host/poller.h"
+#include "protocol/frame.h"
 #include "protocol/log.h"
 
 namespace vbridge {
@@ -193,10 +194,17 @@ class ExposedUnix::Conn final : public StreamSink {
 ExposedUnix::ExposedUnix(uv_loop_t* loop, ReadArena& arena, std::map<std::string, std::string> names)
     : loop_(loop), arena_(arena), names_(std::move(names)) {}
 
+// Longest guest-chosen name quoted in logs and refusals.
+constexpr size_t kMaxLoggedName = 64;
+
 ExposedUnix::~ExposedUnix() = default;
 
 StreamSink* ExposedUnix::open(Session& session, StreamId id, const wire::Target& target) {
-  const std::string name = target.path() != nullptr ? target.path()->str() : std::string();
+  const std::string requested = target.path() != nullptr ? target.path()->str() : std::string();
+  // The name comes from the guest: logged and answered escaped and cut short, never echoed whole.
+  std::string name =
+      printable_prefix(std::as_bytes(std::span(requested.data(), requested.size())), kMaxLoggedName);
+  if (requested.size() > kMaxLoggedName) name += "...";
   const auto refuse = [&](int err, const std::string& message) -> StreamSink* {
     ++refused_;
     log::at(log::Level::kWarn, id, "guest stream to \"{}\" refused: {}", name, message);
@@ -206,7 +214,7 @@ StreamSink* ExposedUnix::open(Session& session, StreamId id, const wire::Target&
   if (target.proto() != wire::Proto::Unix) {
     return refuse(EACCES, "the host agent accepts only unix socket streams from the guest");
   }
-  const auto it = names_.find(name);
+  const auto it = names_.find(requested);
   if (it == names_.end()) {
     return refuse(EACCES,
                   fmt::format("host target \"{}\" is not exposed; start vbridge-host with --expose-unix "

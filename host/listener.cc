@@ -32,8 +32,9 @@ Result<UniqueFd> listen_unix(const std::string& path) {
       return Error{ErrorCode::kConfig, 0,
                    fmt::format("{} exists and is not a socket; remove it or pick another path", path)};
     }
-    UniqueFd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-    if (::connect(probe.get(), reinterpret_cast<sockaddr*>(&sa), sizeof sa) == 0) {
+    // Nonblocking: a live listener with a full backlog answers EAGAIN instead of holding us here.
+    UniqueFd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    if (::connect(probe.get(), reinterpret_cast<sockaddr*>(&sa), sizeof sa) == 0 || errno == EAGAIN) {
       return Error{
           ErrorCode::kConfig, EADDRINUSE,
           fmt::format("{} is in use by another running process; stop it or pick another path", path)};
