@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,10 @@ class QuickBench(unittest.TestCase):
         if os.path.exists(cls.json_path):
             with open(cls.json_path, encoding="utf-8") as f:
                 cls.doc = json.load(f)
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        shutil.rmtree(cls.tmp, ignore_errors=True)
 
     def setUp(self) -> None:
         self.assertEqual(self.run_result.returncode, 0,
