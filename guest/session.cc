@@ -2,6 +2,8 @@
 
 #include <fcntl.h>
 #include <fmt/format.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <unistd.h>
 
@@ -518,6 +520,12 @@ void Session::dial(Conn& c) {
   if (c.fd < 0) {
     dial_failed(c, errno);
     return;
+  }
+  if (address.family() != AF_UNIX) {
+    // A relay must not hold back a small write for the ACK of the one before (Nagle): a message the
+    // transport delivered in two pieces would otherwise wait for the server's delayed ACK.
+    const int one = 1;
+    ::setsockopt(c.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   }
   io_uring_sqe* sqe = conn_sqe(c, Op::kDial);
   io_uring_prep_connect(sqe, c.fd, address.get(), address.length);
