@@ -78,7 +78,9 @@ Agent::Agent(AgentConfig config, TargetPolicy targets, std::unique_ptr<UringLoop
       loop_(std::move(loop)),
       endpoint_(std::move(endpoint)),
       datagram_pool_(kDatagramBlock, 8),
-      datagram_arena_(datagram_pool_, kMaxDatagram + kDatagramPrefix) {}
+      datagram_arena_(datagram_pool_, kMaxDatagram + kDatagramPrefix),
+      compact_pool_(64 * 1024, 16),
+      compact_arena_(compact_pool_, 4 * 1024) {}
 
 Status Agent::setup() {
   if (config_.buffer_rings) {
@@ -184,9 +186,29 @@ int Agent::run() {
     }
     loop_->drain([this](const io_uring_cqe& cqe) { dispatch(cqe); });
     collect_sessions();
+    compact_slow_readers();
   }
   log::info("counters: {}", counters_line());
   return status;
+}
+
+// A slow guest socket's queued bytes pin the transport read blocks they arrived in, and with them other
+// streams' bytes long since written. Once the pool holds more than this (beyond what the read rings keep),
+// such bytes move into small blocks, at most every 100 ms, so memory follows what is actually queued.
+constexpr size_t kCompactAboveBytes = 32 << 20;
+constexpr auto kCompactEvery = std::chrono::milliseconds(100);
+
+void Agent::compact_slow_readers() {
+  if (pool_.stats().in_use * pool_.block_size() <= kCompactAboveBytes) return;
+  const auto now = std::chrono::steady_clock::now();
+  if (now - last_compaction_ < kCompactEvery) return;
+  last_compaction_ = now;
+  size_t moved = active_ ? active_->compact_queues(compact_arena_) : 0;
+  for (auto& s : retiring_) moved += s->compact_queues(compact_arena_);
+  if (moved == 0) return;
+  counters_.bytes_compacted += moved;
+  log::debug("moved {} queued bytes of slow guest sockets out of shared read blocks ({} blocks in use)",
+             moved, pool_.stats().in_use);
 }
 
 // ---------------------------------------------------------------------------------------------------------

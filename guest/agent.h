@@ -134,6 +134,7 @@ class Agent final : private SessionHooks {
   void begin_drain();
   // Advances shutdown; true once the agent may exit.
   bool shutdown_step();
+  void compact_slow_readers();
 
   AgentConfig config_;
   TargetPolicy targets_;
@@ -144,6 +145,10 @@ class Agent final : private SessionHooks {
   std::unique_ptr<ReadBuffers> conn_buffers_;
   BufferPool datagram_pool_;
   ReadArena datagram_arena_;
+  // Small blocks that slow guest sockets' queued bytes move into (see compact_slow_readers).
+  BufferPool compact_pool_;
+  ReadArena compact_arena_;
+  std::chrono::steady_clock::time_point last_compaction_{};
   GuestCounters counters_;
   std::unique_ptr<SessionEnv> env_;
 

@@ -23,12 +23,12 @@ std::string GuestCounters::to_string() const {
       "transport_writes={} "
       "frames_in={} frames_out={} datagrams_to_guest={} datagrams_from_guest={} datagrams_dropped={} "
       "port_scans={} port_scan_errors={} ports_messages={} reverse_opened={} reverse_refused={} "
-      "spliced_from_guest={}",
+      "bytes_compacted={} spliced_from_guest={}",
       host_connections, host_failures, peers_refused, accept_errors, serial_errors, streams_opened,
       open_denied, dial_failed, stream_errors, resets_from_host, streams_dropped, bytes_from_guest,
       bytes_to_guest, transport_bytes_in, transport_bytes_out, transport_writes, frames_in, frames_out,
       datagrams_to_guest, datagrams_from_guest, datagrams_dropped, port_scans, port_scan_errors,
-      ports_messages, reverse_opened, reverse_refused, spliced_from_guest);
+      ports_messages, reverse_opened, reverse_refused, bytes_compacted, spliced_from_guest);
 }
 
 // A guest socket serving one stream. Per-direction progress sits in flags beside the phase:
@@ -107,6 +107,16 @@ void Session::start(Slice first) {
 
 bool Session::drained() {
   return mux_.stream_count() == 0 && conns_.size() == free_slots_.size() && !writing_ && !mux_.has_output();
+}
+
+size_t Session::compact_queues(ReadArena& arena) {
+  size_t moved = 0;
+  for (auto& c : conns_) {
+    if (!c || c->out.empty()) continue;
+    // A SENDMSG in flight may still read the first iovecs it was given.
+    moved += c->out.compact(c->writing ? c->iov.size() : 0, arena);
+  }
+  return moved;
 }
 
 void Session::goaway(const std::string& message) {

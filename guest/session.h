@@ -73,6 +73,7 @@ struct GuestCounters {
   uint64_t ports_messages = 0;   // PORTS control messages sent
   uint64_t reverse_opened = 0;   // guest clients of --reverse-unix sockets given a stream
   uint64_t reverse_refused = 0;  // ... turned away (no host, or the host refused the name)
+  uint64_t bytes_compacted = 0;  // slow guest sockets' queued bytes moved out of shared read blocks
   uint64_t spliced_from_guest = 0;  // --splice: bytes_from_guest that went socket → pipe → transport uncopied
 
   std::string to_string() const;
@@ -130,6 +131,8 @@ class Session final : public MuxHandler {
   bool finished() const { return closing_ && inflight_ == 0; }
   // No streams and nothing left to send: a draining agent may stop now.
   bool drained();
+  // Moves slow guest sockets' queued bytes out of shared read blocks; returns how many bytes moved.
+  size_t compact_queues(ReadArena& arena);
   const Mux& mux() const { return mux_; }
   // Serial only: the transport bytes this session failed on, for the next session to start from.
   Slice take_leftover() { return std::move(leftover_); }

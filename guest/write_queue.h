@@ -25,6 +25,9 @@ class WriteQueue {
   size_t fill(std::span<iovec> out) const;
   // `n` bytes from the front were written (a short write may end inside a Slice).
   void consume(size_t n);
+  // Moves queued bytes out of shared read blocks (see compact_queue), leaving the first `skip` Slices (a
+  // write in flight reads them); returns how many bytes moved.
+  size_t compact(size_t skip, ReadArena& arena) { return compact_queue(slices_, skip, arena); }
 
  private:
   std::deque<Slice> slices_;

@@ -12,7 +12,12 @@ namespace vbridge {
 using Clock = std::chrono::steady_clock;
 
 Agent::Agent(uv_loop_t* loop, AgentConfig config)
-    : loop_(loop), config_(std::move(config)), pool_(1024 * 1024, 64), client_arena_(pool_) {
+    : loop_(loop),
+      config_(std::move(config)),
+      pool_(1024 * 1024, 64),
+      client_arena_(pool_),
+      compact_pool_(64 * 1024, 16),
+      compact_arena_(compact_pool_, 4 * 1024) {
   uv_timer_init(loop_, &dial_timer_);
   uv_timer_init(loop_, &tick_timer_);
   uv_idle_init(loop_, &reaper_);
@@ -226,8 +231,24 @@ void Agent::pump_file_events() {
   session_->flush();
 }
 
+// A slow reader's queued bytes pin the 1 MiB read blocks they arrived in, and with them other streams'
+// bytes long since written. Once the pool holds more than this, such bytes move into small blocks, so
+// memory follows what is actually queued (bounded by the windows) rather than the blocks it came in.
+constexpr size_t kCompactAboveBytes = 32 << 20;
+
+void Agent::compact_slow_readers() {
+  if (pool_.stats().in_use * pool_.block_size() <= kCompactAboveBytes) return;
+  size_t copied = 0;
+  for (auto& [raw, bridge] : bridges_) copied += raw->compact(compact_arena_);
+  if (copied == 0) return;
+  counters_.bytes_compacted += copied;
+  log::debug("moved {} queued bytes of slow readers out of shared read blocks ({} blocks in use)", copied,
+             pool_.stats().in_use);
+}
+
 void Agent::on_tick() {
   const auto now = Clock::now();
+  compact_slow_readers();
   if (ports_) ports_->tick();
   pump_file_events();  // picks up batches held back while the transport was busy or down
   while (!pending_.empty() && pending_.front().deadline <= now) {
@@ -273,6 +294,7 @@ std::string Agent::status_json() const {
                 {"auth_failures", counters_.auth_failures},
                 {"clients_accepted", counters_.clients_accepted},
                 {"clients_failed", counters_.clients_failed},
+                {"bytes_compacted", counters_.bytes_compacted},
                 {"clients_open", bridges_.size()},
                 {"clients_waiting", pending_.size()}};
   if (session_) {
@@ -286,8 +308,11 @@ std::string Agent::status_json() const {
                 {"frames_in", c.frames_in},
                 {"frames_out", c.frames_out}};
   }
-  j["buffers"] = {
-      {"live", pool_.stats().live}, {"in_use", pool_.stats().in_use}, {"bytes", pool_.stats().bytes_live}};
+  j["buffers"] = {{"live", pool_.stats().live},
+                  {"in_use", pool_.stats().in_use},
+                  {"bytes", pool_.stats().bytes_live},
+                  {"compact_in_use", compact_pool_.stats().in_use},
+                  {"compact_bytes", compact_pool_.stats().bytes_live}};
   nlohmann::json forwards = nlohmann::json::array();
   for (const UnixForward& f : config_.unix_forwards) {
     forwards.push_back({{"host", f.host_path}, {"guest", f.guest_target}});

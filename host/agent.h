@@ -58,6 +58,7 @@ struct AgentConfig {
 struct AgentCounters {
   uint64_t sessions = 0, reconnects = 0, dial_failures = 0, protocol_errors = 0, auth_failures = 0;
   uint64_t clients_accepted = 0, clients_failed = 0;
+  uint64_t bytes_compacted = 0;  // slow readers' queued bytes copied out of shared read blocks
 };
 
 class Agent final : public SessionObserver, public BridgeOwner {
@@ -89,6 +90,7 @@ class Agent final : public SessionObserver, public BridgeOwner {
   void dial();
   void schedule_dial();
   void on_tick();
+  void compact_slow_readers();
   void accept_client(UniqueFd client, BridgeOptions options);
   void serve_status(UniqueFd client);
   // Sends due FILE_EVENTS batches while the transport keeps up; otherwise lets the watcher merge them.
@@ -99,6 +101,10 @@ class Agent final : public SessionObserver, public BridgeOwner {
   AgentConfig config_;
   BufferPool pool_;
   ReadArena client_arena_;
+  // Small blocks that slow readers' queued bytes move into (see compact_queue); declared before the bridges
+  // that hold them.
+  BufferPool compact_pool_;
+  ReadArena compact_arena_;
   std::unique_ptr<Session> session_;
   std::vector<std::unique_ptr<Session>> dead_sessions_;  // destroyed outside their own callbacks
   bool ready_ = false;

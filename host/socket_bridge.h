@@ -38,6 +38,8 @@ class SocketBridge final : public StreamSink {
   // The stream could not be opened (no transport within the deadline, or the guest refused).
   void fail_open(const Error& error);
   bool attached() const { return session_ != nullptr; }
+  // Moves bytes waiting for the client out of shared read blocks (see compact_queue); returns how many.
+  size_t compact(ReadArena& arena) { return compact_queue(to_client_, 0, arena); }
   StreamId stream_id() const { return id_; }
 
   // StreamSink

@@ -1,7 +1,9 @@
 #include "protocol/buffer.h"
 
+#include <algorithm>
 #include <cassert>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 
 namespace vbridge {
@@ -78,6 +80,33 @@ Slice ReadArena::commit(size_t n) {
   Slice out = current_.sub(used_, n);
   used_ += n;
   return out;
+}
+
+size_t compact_queue(std::deque<Slice>& queue, size_t skip, ReadArena& arena) {
+  bool any = false;
+  for (size_t i = skip; i < queue.size() && !any; ++i) {
+    any = pins_much_more_than_it_holds(queue[i], arena.block_size());
+  }
+  if (!any) return 0;
+  size_t copied = 0;
+  std::deque<Slice> out;
+  for (size_t i = 0; i < queue.size(); ++i) {
+    Slice& s = queue[i];
+    if (i < skip || !pins_much_more_than_it_holds(s, arena.block_size())) {
+      out.push_back(std::move(s));
+      continue;
+    }
+    for (size_t done = 0; done < s.size();) {
+      std::span<std::byte> space = arena.writable();
+      const size_t n = std::min(space.size(), s.size() - done);
+      std::memcpy(space.data(), s.data() + done, n);
+      out.push_back(arena.commit(n));
+      done += n;
+    }
+    copied += s.size();
+  }
+  queue.swap(out);
+  return copied;
 }
 
 }  // namespace vbridge

@@ -6,6 +6,7 @@
 #include <cassert>
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <span>
 #include <vector>
 
@@ -132,6 +133,7 @@ class ReadArena {
   std::span<std::byte> writable();
   // The first n bytes of the last writable() span now hold data: returns them as a Slice.
   Slice commit(size_t n);
+  size_t block_size() const { return pool_.block_size(); }
 
  private:
   BufferPool& pool_;
@@ -139,5 +141,16 @@ class ReadArena {
   Slice current_;  // whole buffer; bytes before used_ belong to earlier slices
   size_t used_ = 0;
 };
+
+// Bytes that wait (a slow reader's queue) should not keep a whole shared read block alive: a 64 KiB frame
+// can pin the 1 MiB block it arrived in, together with whatever else that block held. compact_queue copies
+// every Slice that holds less than a quarter of a buffer larger than the arena's blocks into `arena` (small
+// blocks, packed), from entry `skip` on (earlier entries may be in a write the kernel still reads). Slices
+// already in small blocks stay. Returns the bytes copied.
+size_t compact_queue(std::deque<Slice>& queue, size_t skip, ReadArena& arena);
+inline bool pins_much_more_than_it_holds(const Slice& s, size_t small_block) {
+  return s.buffer() != nullptr && s.buffer()->capacity() > small_block &&
+         s.buffer()->capacity() >= 4 * s.size();
+}
 
 }  // namespace vbridge

@@ -2,6 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <deque>
+#include <string>
+
 namespace vbridge {
 namespace {
 
@@ -65,6 +68,42 @@ TEST(ReadArena, MovesToFreshBlockWhenTailIsSmall) {
   (void)arena.writable();
   Slice b = arena.commit(10);
   EXPECT_NE(a.buffer(), b.buffer());
+}
+
+TEST(CompactQueue, SmallSlicesLeaveTheirSharedBlock) {
+  BufferPool big(1024 * 1024, 0);
+  BufferPool small(64 * 1024, 0);
+  ReadArena arena(small, 4096);
+  // One read block carried frames of several streams; this queue keeps two small pieces of it.
+  Slice block = big.acquire();
+  for (size_t i = 0; i < block.size(); ++i) block.data()[i] = std::byte(i % 251);
+  std::deque<Slice> queue;
+  queue.push_back(block.sub(1000, 70000));  // larger than a small block: split when copied
+  queue.push_back(block.sub(500000, 300));
+  const std::string before = std::string(reinterpret_cast<const char*>(queue[0].data()), 70000) +
+                             std::string(reinterpret_cast<const char*>(queue[1].data()), 300);
+  block.reset();
+  EXPECT_EQ(big.stats().in_use, 1u);
+  EXPECT_EQ(compact_queue(queue, 0, arena), 70300u);
+  EXPECT_EQ(big.stats().in_use, 0u) << "the shared block is free once its queued bytes moved";
+  std::string after;
+  for (const Slice& s : queue) after.append(reinterpret_cast<const char*>(s.data()), s.size());
+  EXPECT_EQ(after, before);
+  EXPECT_EQ(compact_queue(queue, 0, arena), 0u) << "packed slices stay where they are";
+}
+
+TEST(CompactQueue, LeavesSlicesAWriteIsUsingAndDenseOnes) {
+  BufferPool big(256 * 1024, 0);
+  BufferPool small(64 * 1024, 0);
+  ReadArena arena(small, 4096);
+  std::deque<Slice> queue;
+  Slice sparse = big.acquire();
+  queue.push_back(sparse.sub(0, 100));            // in a write in flight: skipped
+  queue.push_back(big.acquire().sub(0, 200000));  // holds most of its block: not worth a copy
+  const std::byte* in_flight = queue[0].data();
+  EXPECT_EQ(compact_queue(queue, 1, arena), 0u);
+  EXPECT_EQ(queue[0].data(), in_flight);
+  EXPECT_EQ(queue.size(), 2u);
 }
 
 }  // namespace
