@@ -324,6 +324,15 @@ Status Mux::on_frame_payload(std::span<const std::byte> payload) {
 }
 
 Status Mux::handle_control(StreamId id, std::span<const std::byte> payload) {
+  // FlatBuffers reads fields in place at their natural alignment (8 bytes for a ulong) and checks it only
+  // relative to the buffer's start, so the buffer itself must start 8-byte aligned. control_buf_ is heap
+  // memory, which is; a payload that is not is copied to aligned storage first.
+  std::vector<uint64_t> aligned;
+  if (reinterpret_cast<uintptr_t>(payload.data()) % alignof(uint64_t) != 0) {
+    aligned.assign((payload.size() + sizeof(uint64_t) - 1) / sizeof(uint64_t), 0);
+    std::memcpy(aligned.data(), payload.data(), payload.size());
+    payload = std::as_bytes(std::span<const uint64_t>(aligned)).first(payload.size());
+  }
   flatbuffers::Verifier verifier(reinterpret_cast<const uint8_t*>(payload.data()), payload.size(),
                                  /*max_depth=*/16, /*max_tables=*/200000);
   if (!wire::VerifyControlBuffer(verifier)) {

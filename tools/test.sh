@@ -76,14 +76,12 @@ if [[ "${VBRIDGE_TEST_SKIP_ASAN:-0}" != 1 ]]; then
   (cd build-asan && ctest --output-on-failure -j "$jobs" -L unit)
   # The agents run instrumented under every integration suite; an ASan or UBSan report aborts the agent,
   # which fails the suite. dockerd, socat and the Python clients are not instrumented. Left out: the fixtures
-  # suite (Python only), the ports suite (it asserts the host agent's RSS under a UDP flood, which ASan's
-  # shadow memory and quarantine exceed) and, until its UBSan report is fixed, the file events suite
-  # (flatbuffers' Verifier runs on a FILE_EVENTS payload at a misaligned address: "member call on misaligned
-  # address ... for type 'const struct Vector'"). The soak and load run shorter, memory bounds not asserted.
+  # suite (Python only). The soak and load run shorter; they and the ports suite report memory figures but
+  # do not assert their bounds (ASan's shadow memory and quarantine are not the bridge's).
   step "integration suites in build-asan/ (agents under ASan + UBSan)"
   (cd build-asan &&
     VBRIDGE_SOAK_SECONDS=60 VBRIDGE_LOAD_STREAMS=5000 VBRIDGE_LOAD_SECONDS=10 \
-      ctest --output-on-failure -j "$jobs" -L integration -E '^integration\.(fixtures|ports|file_events)$' "${long_suites[@]}")
+      ctest --output-on-failure -j "$jobs" -L integration -E '^integration\.fixtures$' "${long_suites[@]}")
   unset ASAN_OPTIONS UBSAN_OPTIONS
 fi
 

@@ -440,4 +440,27 @@ bool Injector::apply_for(const wire::FileEvents& batch, size_t* next, std::chron
   return true;
 }
 
+Result<const wire::FileEvents*> read_file_events(std::span<const std::byte> payload,
+                                                 std::vector<uint64_t>& storage) {
+  const auto* bytes = reinterpret_cast<const uint8_t*>(payload.data());
+  if (reinterpret_cast<uintptr_t>(bytes) % alignof(uint64_t) != 0) {
+    storage.assign((payload.size() + sizeof(uint64_t) - 1) / sizeof(uint64_t), 0);
+    std::memcpy(storage.data(), payload.data(), payload.size());
+    bytes = reinterpret_cast<const uint8_t*>(storage.data());
+  }
+  flatbuffers::Verifier verifier(bytes, payload.size(), /*max_depth=*/16, /*max_tables=*/200000);
+  if (!wire::VerifyControlBuffer(verifier)) {
+    return Error{
+        ErrorCode::kProtocol, 0,
+        fmt::format("malformed FILE_EVENTS message ({} bytes); the sender is not a vbridge host agent "
+                    "of this version",
+                    payload.size())};
+  }
+  const auto* batch = wire::GetControl(bytes)->message_as_FileEvents();
+  if (batch == nullptr) {
+    return Error{ErrorCode::kProtocol, 0, "CONTROL message is not FILE_EVENTS or has no body"};
+  }
+  return batch;
+}
+
 }  // namespace vbridge::file_events

@@ -11,7 +11,9 @@
 #pragma once
 
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
+#include <span>
 #include <string>
 #include <string_view>
 #include <unordered_set>
@@ -110,5 +112,13 @@ class Injector {
   std::unordered_set<std::string> touched_;
   bool refused_in_event_ = false;
 };
+
+// Verifies a CONTROL payload (a wire::Control) carrying FILE_EVENTS and returns the batch. FlatBuffers reads
+// fields in place at their natural alignment (8 bytes for `seq`) and checks alignment only relative to the
+// buffer's start, so the buffer itself must start 8-byte aligned. A payload that does not (bytes read at an
+// offset into a socket buffer, say) is copied into `storage` and the batch points there; an aligned one is
+// not copied and the batch points into `payload`. The batch lives as long as whichever it points into.
+Result<const wire::FileEvents*> read_file_events(std::span<const std::byte> payload,
+                                                 std::vector<uint64_t>& storage);
 
 }  // namespace vbridge::file_events

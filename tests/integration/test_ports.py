@@ -14,6 +14,7 @@ import unittest
 
 from agents import GuestAgent, HostAgent
 from fixtures import FixtureTestCase, Netns, Process, WaitTimeout, descendants, wait_for
+from test_soak import sanitizer
 
 HTTP_PORT = 18080
 
@@ -268,7 +269,10 @@ class PortForwardTest(FixtureTestCase):
         rss_kib = int(open(f"/proc/{self.host.process.pid}/status").read().split("VmRSS:")[1].split()[0])
         entry = next(p for p in host_ports(self.host) if p["guest_port"] == port)
         print(f"UDP flood: {sent} datagrams sent, host agent RSS {rss_kib} KiB, forward counters {entry.get('udp')}")
-        self.assertLess(rss_kib, 64 * 1024)
+        if sanitizer():
+            print(f"  agents built with {sanitizer()}: memory bound not asserted")
+        else:
+            self.assertLess(rss_kib, 64 * 1024)
         self.assertTrue(self.host.process.alive())
         self.assertTrue(self.guest.process.alive())
 
