@@ -44,288 +44,29 @@
 #include <thread>
 #include <vector>
 
+#include "bench_io.h"
+
+namespace bench_io {
+
+[[noreturn]] void fail(const std::string& what) { exit_with("vbridge-loadgen", 1, what); }
+
+}  // namespace bench_io
+
 namespace {
+
+using namespace bench_io;
 
 constexpr size_t kBufSize = 256 * 1024;
 
-using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point t0) {
-  return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
-Clock::time_point after(double seconds) {
-  return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
-}
-
-double micros(Clock::duration d) { return std::chrono::duration<double, std::micro>(d).count(); }
-
-[[noreturn]] void fail(const std::string& what) {
-  std::fprintf(stderr, "vbridge-loadgen: %s\n", what.c_str());
-  std::exit(1);
-}
-
-std::string errno_text(const std::string& what) { return what + ": " + std::strerror(errno); }
-
-// ---------------------------------------------------------------------------------------------------------
-// Command line
-
-struct Options {
-  std::string mode;
-  std::multimap<std::string, std::string> values;
-
-  bool has(const std::string& key) const { return values.count(key) != 0; }
-
-  std::vector<std::string> all(const std::string& key) const {
-    std::vector<std::string> out;
-    auto [lo, hi] = values.equal_range(key);
-    for (auto it = lo; it != hi; ++it) out.push_back(it->second);
-    return out;
-  }
-
-  std::string text(const std::string& key) const {
-    auto it = values.find(key);
-    if (it == values.end()) fail("missing " + key);
-    return it->second;
-  }
-
-  double number(const std::string& key, std::optional<double> fallback = std::nullopt) const {
-    auto it = values.find(key);
-    if (it == values.end()) {
-      if (!fallback) fail("missing " + key);
-      return *fallback;
-    }
-    char* end = nullptr;
-    double v = std::strtod(it->second.c_str(), &end);
-    if (end == it->second.c_str() || *end != '\0' || v < 0) fail("bad number for " + key + ": " + it->second);
-    return v;
-  }
-};
-
 Options parse_options(int argc, char** argv) {
-  static const char* const kFlags[] = {"--reverse", "--reverse-only", "--background-bulk"};
-  static const char* const kValued[] = {"--unix",    "--tcp",   "--connect", "--seconds",
-                                        "--streams", "--count", "--size",    "--parallel"};
-  Options opt;
   if (argc < 2) fail("usage: vbridge-loadgen serve|throughput|rtt|connrate [options]");
-  opt.mode = argv[1];
-  for (int i = 2; i < argc; ++i) {
-    std::string_view arg = argv[i];
-    if (std::find(std::begin(kFlags), std::end(kFlags), arg) != std::end(kFlags)) {
-      opt.values.emplace(std::string(arg), "");
-    } else if (std::find(std::begin(kValued), std::end(kValued), arg) != std::end(kValued)) {
-      if (i + 1 >= argc) fail("missing value for " + std::string(arg));
-      opt.values.emplace(std::string(arg), argv[++i]);
-    } else {
-      fail("unknown option " + std::string(arg));
-    }
-  }
-  return opt;
+  return bench_io::parse_options(
+      argc, argv, {"--reverse", "--reverse-only", "--background-bulk"},
+      {"--unix", "--tcp", "--connect", "--seconds", "--streams", "--count", "--size", "--parallel"});
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// JSON output
-
-std::string fmt_double(double v) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%.3f", v);
-  return buf;
-}
-
-std::string quote(std::string_view s) {
-  std::string out = "\"";
-  for (char c : s) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += c;
-    } else if (static_cast<unsigned char>(c) < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\u%04x", c);
-      out += buf;
-    } else {
-      out += c;
-    }
-  }
-  return out + "\"";
-}
-
-class Json {
- public:
-  Json& num(std::string_view key, double v) { return raw(key, fmt_double(v)); }
-  Json& count(std::string_view key, uint64_t v) { return raw(key, std::to_string(v)); }
-  Json& str(std::string_view key, std::string_view v) { return raw(key, quote(v)); }
-  Json& raw(std::string_view key, std::string_view json) {
-    if (!body_.empty()) body_ += ',';
-    body_ += quote(key) + ':' + std::string(json);
-    return *this;
-  }
-  std::string text() const { return "{" + body_ + "}"; }
-
- private:
-  std::string body_;
-};
-
-std::string json_array(const std::vector<std::string>& items) {
-  std::string out = "[";
-  for (size_t i = 0; i < items.size(); ++i) out += (i ? "," : "") + items[i];
-  return out + "]";
-}
-
-void print_line(const std::string& line) {
-  std::fputs((line + "\n").c_str(), stdout);
-  std::fflush(stdout);
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Addresses and sockets
-
-struct Address {
-  sockaddr_storage storage{};
-  socklen_t length = 0;
-  bool is_tcp = false;
-
-  const sockaddr* sa() const { return reinterpret_cast<const sockaddr*>(&storage); }
-  int family() const { return storage.ss_family; }
-};
-
-Address unix_address(const std::string& path) {
-  Address a;
-  sockaddr_un un{};
-  un.sun_family = AF_UNIX;
-  if (path.empty() || path.size() >= sizeof un.sun_path) fail("unix socket path empty or too long: " + path);
-  std::memcpy(un.sun_path, path.c_str(), path.size() + 1);
-  std::memcpy(&a.storage, &un, sizeof un);
-  a.length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size() + 1);
-  return a;
-}
-
-// "127.0.0.1:80", "[::1]:80", "localhost:80"
-Address tcp_address(const std::string& hostport) {
-  std::string host, port;
-  if (!hostport.empty() && hostport.front() == '[') {
-    auto close = hostport.find(']');
-    if (close == std::string::npos || close + 1 >= hostport.size() || hostport[close + 1] != ':')
-      fail("bad address " + hostport);
-    host = hostport.substr(1, close - 1);
-    port = hostport.substr(close + 2);
-  } else {
-    auto colon = hostport.rfind(':');
-    if (colon == std::string::npos) fail("bad address (want HOST:PORT) " + hostport);
-    host = hostport.substr(0, colon);
-    port = hostport.substr(colon + 1);
-  }
-  addrinfo hints{};
-  hints.ai_socktype = SOCK_STREAM;
-  addrinfo* res = nullptr;
-  int rc = getaddrinfo(host.c_str(), port.c_str(), &hints, &res);
-  if (rc != 0 || !res) fail("cannot resolve " + hostport + ": " + gai_strerror(rc));
-  Address a;
-  std::memcpy(&a.storage, res->ai_addr, res->ai_addrlen);
-  a.length = res->ai_addrlen;
-  a.is_tcp = true;
-  freeaddrinfo(res);
-  return a;
-}
-
-Address parse_address(const std::string& text) {
-  if (text.rfind("unix:", 0) == 0) return unix_address(text.substr(5));
-  if (text.rfind("tcp:", 0) == 0) return tcp_address(text.substr(4));
-  fail("address must start with unix: or tcp: " + text);
-}
-
-std::string describe(const Address& a) {
-  if (!a.is_tcp) return "unix:" + std::string(reinterpret_cast<const sockaddr_un*>(a.sa())->sun_path);
-  char host[INET6_ADDRSTRLEN] = {};
-  uint16_t port = 0;
-  if (a.family() == AF_INET6) {
-    auto* in6 = reinterpret_cast<const sockaddr_in6*>(a.sa());
-    inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
-    port = ntohs(in6->sin6_port);
-    return "tcp:[" + std::string(host) + "]:" + std::to_string(port);
-  }
-  auto* in4 = reinterpret_cast<const sockaddr_in*>(a.sa());
-  inet_ntop(AF_INET, &in4->sin_addr, host, sizeof host);
-  port = ntohs(in4->sin_port);
-  return "tcp:" + std::string(host) + ":" + std::to_string(port);
-}
-
-void set_nodelay(int fd) {
-  int one = 1;
-  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-}
-
-// Bounds every blocking call, so a stalled path ends the run with an error instead of a hang.
-void set_io_timeout(int fd, double seconds) {
-  timeval tv{};
-  tv.tv_sec = static_cast<time_t>(seconds);
-  tv.tv_usec = static_cast<suseconds_t>((seconds - static_cast<double>(tv.tv_sec)) * 1e6);
-  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-}
-
-// Returns a connected blocking socket or -1 with errno set.
-int connect_to(const Address& a) {
-  int fd = socket(a.family(), SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return -1;
-  if (connect(fd, a.sa(), a.length) != 0) {
-    int saved = errno;
-    close(fd);
-    errno = saved;
-    return -1;
-  }
-  if (a.is_tcp) set_nodelay(fd);
-  set_io_timeout(fd, 30);
-  return fd;
-}
-
-int listen_on(const Address& a) {
-  int fd = socket(a.family(), SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-  if (fd < 0) fail(errno_text("socket"));
-  if (a.is_tcp) {
-    int one = 1;
-    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  } else {
-    const char* path = reinterpret_cast<const sockaddr_un*>(a.sa())->sun_path;
-    struct stat st {};
-    if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode)) unlink(path);
-  }
-  if (bind(fd, a.sa(), a.length) != 0) fail(errno_text("bind " + describe(a)));
-  if (listen(fd, 4096) != 0) fail(errno_text("listen " + describe(a)));
-  return fd;
-}
-
-Address bound_address(int fd, const Address& requested) {
-  if (!requested.is_tcp) return requested;
-  Address a = requested;
-  a.length = sizeof a.storage;
-  getsockname(fd, reinterpret_cast<sockaddr*>(&a.storage), &a.length);
-  return a;
-}
-
-bool write_all(int fd, const char* data, size_t n) {
-  while (n > 0) {
-    ssize_t w = send(fd, data, n, MSG_NOSIGNAL);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      return false;
-    }
-    data += w;
-    n -= static_cast<size_t>(w);
-  }
-  return true;
-}
-
-// Reads exactly n bytes; false on EOF or error.
-bool read_exact(int fd, char* data, size_t n) {
-  while (n > 0) {
-    ssize_t r = read(fd, data, n);
-    if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) return false;
-    data += r;
-    n -= static_cast<size_t>(r);
-  }
-  return true;
-}
+// Patterned data
 
 const std::vector<char>& pattern_buffer() {
   static const std::vector<char> buf = [] {
@@ -452,7 +193,7 @@ struct StreamResult {
 };
 
 int open_stream(const Address& a, char mode, std::string& error) {
-  int fd = connect_to(a);
+  int fd = connect_to(a, 30);
   if (fd < 0) {
     error = errno_text("connect " + describe(a));
     return -1;
@@ -519,30 +260,6 @@ StreamResult generate_stream(const Address& a, Clock::time_point deadline) {
   close(fd);
   return res;
 }
-
-struct Percentiles {
-  std::vector<double> sorted;
-
-  explicit Percentiles(std::vector<double> v) : sorted(std::move(v)) {
-    std::sort(sorted.begin(), sorted.end());
-  }
-
-  double at(double q) const {
-    if (sorted.empty()) return 0;
-    auto i = static_cast<size_t>(q * static_cast<double>(sorted.size()));
-    return sorted[std::min(i, sorted.size() - 1)];
-  }
-
-  Json& add_to(Json& j, const std::string& unit) const {
-    double sum = 0;
-    for (double v : sorted) sum += v;
-    return j.num("p50_" + unit, at(0.50))
-        .num("p90_" + unit, at(0.90))
-        .num("p99_" + unit, at(0.99))
-        .num("max_" + unit, sorted.empty() ? 0 : sorted.back())
-        .num("mean_" + unit, sorted.empty() ? 0 : sum / static_cast<double>(sorted.size()));
-  }
-};
 
 std::string first_error(const std::vector<StreamResult>& results) {
   for (const auto& r : results)
@@ -666,38 +383,22 @@ int run_connrate(const Options& opt) {
   auto t0 = Clock::now();
   auto deadline = after(seconds);
 
-  std::mutex mu;
-  std::vector<double> latencies;
-  uint64_t failures = 0;
-  std::string last_error;
-  std::vector<std::thread> threads;
-  for (int p = 0; p < parallel; ++p) {
-    threads.emplace_back([&] {
-      std::vector<double> mine;
-      uint64_t my_failures = 0;
-      std::string my_error;
-      while (Clock::now() < deadline) {
-        auto start = Clock::now();
-        int fd = connect_to(a);
+  const Trials trials = run_trials(
+      parallel, [&](int) { return Clock::now() < deadline; },
+      [&](int, uint64_t) -> std::string {
+        int fd = connect_to(a, 30);
         char reply = 0;
         bool good = fd >= 0 && write_all(fd, "C", 1) && read_exact(fd, &reply, 1) && reply == 'k';
+        std::string error;
         if (!good)
-          my_error = fd < 0 ? errno_text("connect") : reply ? "unexpected reply" : errno_text("connect test");
+          error = fd < 0 ? errno_text("connect") : reply ? "unexpected reply" : errno_text("connect test");
         if (fd >= 0) close(fd);
-        if (good) {
-          mine.push_back(micros(Clock::now() - start));
-        } else {
-          ++my_failures;
-          std::this_thread::sleep_for(std::chrono::milliseconds(1));
-        }
-      }
-      std::lock_guard lock(mu);
-      latencies.insert(latencies.end(), mine.begin(), mine.end());
-      failures += my_failures;
-      if (!my_error.empty()) last_error = my_error;
-    });
-  }
-  for (auto& t : threads) t.join();
+        if (!good) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        return error;
+      });
+  const std::vector<double>& latencies = trials.latencies_us;
+  const uint64_t failures = trials.failures;
+  const std::string& last_error = trials.last_error;
   double elapsed = seconds_since(t0);
 
   Json j;

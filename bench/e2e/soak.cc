@@ -52,30 +52,23 @@
 #include <thread>
 #include <vector>
 
+#include "bench_io.h"
+
+namespace bench_io {
+
+[[noreturn]] void fail(const std::string& what) { exit_with("vbridge-soak", 2, what); }
+
+}  // namespace bench_io
+
 namespace {
 
-using Clock = std::chrono::steady_clock;
+using namespace bench_io;
 
 constexpr uint32_t kMagicSoak = 0x4b534256;  // "VBSK"
 constexpr uint32_t kMagicEcho = 0x43454256;  // "VBEC"
 constexpr size_t kHeaderSize = 24;
 constexpr size_t kTrailerSize = 16;
 constexpr size_t kChunk = 64 * 1024;
-
-double seconds_since(Clock::time_point t0) {
-  return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
-Clock::time_point after(double seconds) {
-  return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
-}
-
-[[noreturn]] void fail(const std::string& what) {
-  std::fprintf(stderr, "vbridge-soak: %s\n", what.c_str());
-  std::exit(2);
-}
-
-std::string errno_text(const std::string& what) { return what + ": " + std::strerror(errno); }
 
 void put_u32(char* p, uint32_t v) {
   for (int i = 0; i < 4; ++i) p[i] = static_cast<char>((v >> (8 * i)) & 0xff);
@@ -135,38 +128,6 @@ uint64_t count_mismatches(uint64_t seed, uint64_t offset, const char* data, size
 // ---------------------------------------------------------------------------------------------------------
 // Command line
 
-struct Options {
-  std::string mode;
-  std::multimap<std::string, std::string> values;
-
-  bool has(const std::string& key) const { return values.count(key) != 0; }
-
-  std::vector<std::string> all(const std::string& key) const {
-    std::vector<std::string> out;
-    auto [lo, hi] = values.equal_range(key);
-    for (auto it = lo; it != hi; ++it) out.push_back(it->second);
-    return out;
-  }
-
-  std::string text(const std::string& key) const {
-    auto it = values.find(key);
-    if (it == values.end()) fail("missing " + key);
-    return it->second;
-  }
-
-  double number(const std::string& key, std::optional<double> fallback = std::nullopt) const {
-    auto it = values.find(key);
-    if (it == values.end()) {
-      if (!fallback) fail("missing " + key);
-      return *fallback;
-    }
-    char* end = nullptr;
-    const double v = std::strtod(it->second.c_str(), &end);
-    if (end == it->second.c_str() || *end != '\0' || v < 0) fail("bad number for " + key + ": " + it->second);
-    return v;
-  }
-};
-
 constexpr const char* kUsage =
     "usage: vbridge-soak serve [--unix PATH]... [--tcp HOST:PORT]...\n"
     "       vbridge-soak soak --connect ADDR [--connect ADDR]... --seconds T [--streams N]\n"
@@ -177,200 +138,19 @@ constexpr const char* kUsage =
     "ADDR: unix:/path, tcp:127.0.0.1:PORT, tcp:[::1]:PORT";
 
 Options parse_options(int argc, char** argv) {
-  static const char* const kValued[] = {"--unix",    "--tcp",           "--connect",   "--seconds",
-                                        "--streams", "--slow-readers",  "--slow-rate", "--max-size",
-                                        "--seed",    "--drain-seconds", "--rate",      "--parallel"};
-  Options opt;
   if (argc < 2 || std::string_view(argv[1]) == "--help" || std::string_view(argv[1]) == "-h") {
     std::puts(kUsage);
     std::exit(argc < 2 ? 2 : 0);
   }
-  opt.mode = argv[1];
-  for (int i = 2; i < argc; ++i) {
-    const std::string_view arg = argv[i];
-    if (std::find(std::begin(kValued), std::end(kValued), arg) != std::end(kValued)) {
-      if (i + 1 >= argc) fail("missing value for " + std::string(arg));
-      opt.values.emplace(std::string(arg), argv[++i]);
-    } else {
-      fail("unknown option " + std::string(arg) + "\n" + kUsage);
-    }
-  }
-  return opt;
+  return bench_io::parse_options(
+      argc, argv, {},
+      {"--unix", "--tcp", "--connect", "--seconds", "--streams", "--slow-readers", "--slow-rate",
+       "--max-size", "--seed", "--drain-seconds", "--rate", "--parallel"},
+      std::string("\n") + kUsage);
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// JSON output
-
-std::string quote(std::string_view s) {
-  std::string out = "\"";
-  for (char c : s) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += c;
-    } else if (static_cast<unsigned char>(c) < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\u%04x", c);
-      out += buf;
-    } else {
-      out += c;
-    }
-  }
-  return out + "\"";
-}
-
-class Json {
- public:
-  Json& num(std::string_view key, double v) {
-    char buf[64];
-    std::snprintf(buf, sizeof buf, "%.3f", v);
-    return raw(key, buf);
-  }
-  Json& count(std::string_view key, uint64_t v) { return raw(key, std::to_string(v)); }
-  Json& str(std::string_view key, std::string_view v) { return raw(key, quote(v)); }
-  Json& raw(std::string_view key, std::string_view json) {
-    if (!body_.empty()) body_ += ',';
-    body_ += quote(key) + ':' + std::string(json);
-    return *this;
-  }
-  void print() const {
-    std::fputs(("{" + body_ + "}\n").c_str(), stdout);
-    std::fflush(stdout);
-  }
-
- private:
-  std::string body_;
-};
-
-// ---------------------------------------------------------------------------------------------------------
-// Addresses and sockets
-
-struct Address {
-  sockaddr_storage storage{};
-  socklen_t length = 0;
-  bool is_tcp = false;
-  std::string text;
-
-  const sockaddr* sa() const { return reinterpret_cast<const sockaddr*>(&storage); }
-  int family() const { return storage.ss_family; }
-};
-
-Address parse_address(const std::string& text) {
-  Address a;
-  a.text = text;
-  if (text.rfind("unix:", 0) == 0) {
-    const std::string path = text.substr(5);
-    sockaddr_un un{};
-    un.sun_family = AF_UNIX;
-    if (path.empty() || path.size() >= sizeof un.sun_path)
-      fail("unix socket path empty or too long: " + path);
-    std::memcpy(un.sun_path, path.c_str(), path.size() + 1);
-    std::memcpy(&a.storage, &un, sizeof un);
-    a.length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size() + 1);
-    return a;
-  }
-  if (text.rfind("tcp:", 0) != 0) fail("address must start with unix: or tcp: " + text);
-  const std::string hostport = text.substr(4);
-  std::string host, port;
-  if (!hostport.empty() && hostport.front() == '[') {
-    const auto close = hostport.find("]:");
-    if (close == std::string::npos) fail("bad address " + text);
-    host = hostport.substr(1, close - 1);
-    port = hostport.substr(close + 2);
-  } else {
-    const auto colon = hostport.rfind(':');
-    if (colon == std::string::npos) fail("bad address (want tcp:HOST:PORT) " + text);
-    host = hostport.substr(0, colon);
-    port = hostport.substr(colon + 1);
-  }
-  addrinfo hints{};
-  hints.ai_socktype = SOCK_STREAM;
-  addrinfo* res = nullptr;
-  const int rc = getaddrinfo(host.c_str(), port.c_str(), &hints, &res);
-  if (rc != 0 || res == nullptr) fail("cannot resolve " + text + ": " + gai_strerror(rc));
-  std::memcpy(&a.storage, res->ai_addr, res->ai_addrlen);
-  a.length = res->ai_addrlen;
-  a.is_tcp = true;
-  freeaddrinfo(res);
-  return a;
-}
-
-std::string bound_text(int fd, const Address& requested) {
-  if (!requested.is_tcp) return requested.text;
-  sockaddr_storage ss{};
-  socklen_t len = sizeof ss;
-  getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len);
-  char host[INET6_ADDRSTRLEN] = {};
-  if (ss.ss_family == AF_INET6) {
-    auto* in6 = reinterpret_cast<const sockaddr_in6*>(&ss);
-    inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
-    return "tcp:[" + std::string(host) + "]:" + std::to_string(ntohs(in6->sin6_port));
-  }
-  auto* in4 = reinterpret_cast<const sockaddr_in*>(&ss);
-  inet_ntop(AF_INET, &in4->sin_addr, host, sizeof host);
-  return "tcp:" + std::string(host) + ":" + std::to_string(ntohs(in4->sin_port));
-}
-
-void set_nonblocking(int fd) { fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK); }
-
-void set_io_timeout(int fd, double seconds) {
-  timeval tv{};
-  tv.tv_sec = static_cast<time_t>(seconds);
-  tv.tv_usec = static_cast<suseconds_t>((seconds - static_cast<double>(tv.tv_sec)) * 1e6);
-  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-}
-
-// A connected blocking socket with 10 s I/O timeouts, or -1 with errno set.
-int connect_to(const Address& a) {
-  const int fd = socket(a.family(), SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return -1;
-  set_io_timeout(fd, 10);
-  if (connect(fd, a.sa(), a.length) != 0) {
-    const int saved = errno;
-    close(fd);
-    errno = saved;
-    return -1;
-  }
-  if (a.is_tcp) {
-    int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-  }
-  return fd;
-}
-
-bool write_all(int fd, const char* data, size_t n) {
-  while (n > 0) {
-    const ssize_t w = send(fd, data, n, MSG_NOSIGNAL);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      return false;
-    }
-    data += w;
-    n -= static_cast<size_t>(w);
-  }
-  return true;
-}
-
-bool read_exact(int fd, char* data, size_t n) {
-  while (n > 0) {
-    const ssize_t r = read(fd, data, n);
-    if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) {
-      if (r == 0) errno = ECONNRESET;
-      return false;
-    }
-    data += r;
-    n -= static_cast<size_t>(r);
-  }
-  return true;
-}
-
-void raise_fd_limit() {
-  if (rlimit rl{}; getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
-    rl.rlim_cur = rl.rlim_max;
-    setrlimit(RLIMIT_NOFILE, &rl);
-  }
-}
+// Connection header
 
 void make_header(char* h, uint32_t magic, uint64_t seed, uint64_t length) {
   put_u32(h, magic);
@@ -415,7 +195,7 @@ class Server {
       ev.events = EPOLLIN;
       ev.data.u64 = kListenerTag | static_cast<uint32_t>(fd);
       if (epoll_ctl(ep_, EPOLL_CTL_ADD, fd, &ev) != 0) fail(errno_text("epoll_ctl"));
-      names += (names.empty() ? "" : ",") + quote(bound_text(fd, a));
+      names += (names.empty() ? "" : ",") + quote(describe(bound_address(fd, a)));
     }
     Json().str("mode", "serve").raw("listening", "[" + names + "]").print();
 
@@ -439,22 +219,6 @@ class Server {
 
  private:
   static constexpr uint64_t kListenerTag = 1ull << 32;
-
-  static int listen_on(const Address& a) {
-    const int fd = socket(a.family(), SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-    if (fd < 0) fail(errno_text("socket"));
-    if (a.is_tcp) {
-      int one = 1;
-      setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    } else {
-      const char* path = reinterpret_cast<const sockaddr_un*>(a.sa())->sun_path;
-      struct stat st {};
-      if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode)) unlink(path);
-    }
-    if (bind(fd, a.sa(), a.length) != 0) fail(errno_text("bind " + a.text));
-    if (listen(fd, 4096) != 0) fail(errno_text("listen " + a.text));
-    return fd;
-  }
 
   void accept_all(int listener) {
     for (;;) {
@@ -901,7 +665,7 @@ class Hold {
       char reply[kPingSize];
       make_header(msg, kMagicEcho, 0, 0);
       ping_bytes(fds_.size(), 0, msg + kHeaderSize);
-      const int fd = connect_to(address_);
+      const int fd = connect_to(address_, 10);
       if (fd >= 0 && write_all(fd, msg, sizeof msg) && read_exact(fd, reply, sizeof reply) &&
           std::memcmp(reply, msg + kHeaderSize, kPingSize) == 0) {
         fds_.push_back(fd);
@@ -970,60 +734,38 @@ int run_churn(const Options& opt) {
       std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(1.0 / rate));
   std::atomic<int64_t> next_ticket{0};
 
-  std::mutex mu;
-  std::vector<double> latencies;
-  uint64_t failures = 0;
-  std::string first_error;
-  std::vector<std::thread> threads;
-  for (int p = 0; p < parallel; ++p) {
-    threads.emplace_back([&, p] {
-      std::vector<double> mine;
-      uint64_t my_failures = 0;
-      std::string my_error;
-      for (;;) {
+  const Trials trials = run_trials(
+      parallel,
+      [&](int) {
         const auto due = t0 + interval * next_ticket.fetch_add(1);
-        if (due >= deadline) break;
+        if (due >= deadline) return false;
         std::this_thread::sleep_until(due);
-        const auto start = Clock::now();
+        return true;
+      },
+      [&](int p, uint64_t n) -> std::string {
         char msg[kHeaderSize + 32];
         char reply[32];
         make_header(msg, kMagicEcho, 0, 0);
-        generate(static_cast<uint64_t>(p), static_cast<uint64_t>(mine.size() + my_failures) * 32,
-                 msg + kHeaderSize, 32);
-        const int fd = connect_to(a);
+        generate(static_cast<uint64_t>(p), n * 32, msg + kHeaderSize, 32);
+        const int fd = connect_to(a, 10);
         const bool good = fd >= 0 && write_all(fd, msg, sizeof msg) && read_exact(fd, reply, sizeof reply) &&
                           std::memcmp(reply, msg + kHeaderSize, sizeof reply) == 0;
-        if (!good && my_error.empty()) my_error = errno_text(fd < 0 ? "connect " + a.text : "echo");
+        std::string error = good ? "" : errno_text(fd < 0 ? "connect " + a.text : "echo");
         if (fd >= 0) close(fd);
-        if (good) {
-          mine.push_back(std::chrono::duration<double, std::micro>(Clock::now() - start).count());
-        } else {
-          ++my_failures;
-        }
-      }
-      std::lock_guard lock(mu);
-      latencies.insert(latencies.end(), mine.begin(), mine.end());
-      failures += my_failures;
-      if (first_error.empty()) first_error = my_error;
-    });
-  }
-  for (auto& t : threads) t.join();
+        return error;
+      });
+  const uint64_t failures = trials.failures;
+  const std::string& first_error = trials.first_error;
   const double elapsed = seconds_since(t0);
-  std::sort(latencies.begin(), latencies.end());
-  auto pct = [&](double q) {
-    return latencies.empty()
-               ? 0.0
-               : latencies[std::min(latencies.size() - 1,
-                                    static_cast<size_t>(q * static_cast<double>(latencies.size())))];
-  };
+  const Percentiles lat(trials.latencies_us);
   Json j;
   j.str("mode", "churn").num("target_per_second", rate).count("parallel", static_cast<uint64_t>(parallel));
-  j.count("connections", latencies.size()).count("failures", failures).num("seconds", elapsed);
-  j.num("per_second", static_cast<double>(latencies.size()) / elapsed);
-  j.num("p50_us", pct(0.5)).num("p99_us", pct(0.99)).num("max_us", latencies.empty() ? 0 : latencies.back());
+  j.count("connections", lat.sorted.size()).count("failures", failures).num("seconds", elapsed);
+  j.num("per_second", static_cast<double>(lat.sorted.size()) / elapsed);
+  j.num("p50_us", lat.at(0.5)).num("p99_us", lat.at(0.99)).num("max_us", lat.max());
   if (!first_error.empty()) j.str("first_error", first_error);
   j.print();
-  return failures == 0 && !latencies.empty() ? 0 : 1;
+  return failures == 0 && !lat.sorted.empty() ? 0 : 1;
 }
 
 }  // namespace
