@@ -7,6 +7,7 @@ agent dials it; both are fixtures.Process objects, stopped with the current fixt
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -27,6 +28,28 @@ def missing_agents(build_dir: str) -> str:
         if find_agent(build_dir, name) is None:
             return f"{name} is not built in {build_dir}"
     return ""
+
+
+def tool_arguments(tool: str, doc: str, add_arguments, unavailable=None) -> argparse.Namespace:
+    """The command line of a standalone benchmark tool: --build-dir, the tool's own options (add_arguments
+    adds them to the parser), --json. Exits naming the tool when the agents are not built or `unavailable()`
+    gives a reason."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--build-dir", default=os.path.join(HERE, "..", "..", "build"))
+    add_arguments(parser)
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args()
+    reason = (unavailable() if unavailable else "") or missing_agents(args.build_dir)
+    if reason:
+        sys.exit(f"{tool}: {reason}")
+    return args
+
+
+def write_json(path: str | None, result: dict) -> None:
+    """Writes a tool's figures to `path` (its --json), if given."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 def memory_kib(pid: int) -> dict:

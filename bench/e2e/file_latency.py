@@ -13,8 +13,6 @@ inotifywait on the host folder itself, reading the same writes, is the floor ("d
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
 import select
@@ -25,7 +23,7 @@ import time
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bridge import Pair, fixtures, missing_agents, percentiles  # noqa: E402
+from bridge import Pair, fixtures, percentiles, tool_arguments, write_json  # noqa: E402
 
 EVENTS = "create,modify,attrib,close_write,moved_to"
 SAMPLE_TIMEOUT = 5.0  # seconds a sample may take before it counts as missed
@@ -142,14 +140,8 @@ def measure(workdir: fixtures.Workdir, build_dir: str, count: int, step=None) ->
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--build-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "build"))
-    parser.add_argument("--count", type=int, default=200)
-    parser.add_argument("--json", help="also write the figures here")
-    args = parser.parse_args()
-    reason = unavailable() or missing_agents(args.build_dir)
-    if reason:
-        sys.exit(f"file_latency: {reason}")
+    args = tool_arguments("file_latency", __doc__,
+                          lambda parser: parser.add_argument("--count", type=int, default=200), unavailable)
     with fixtures.scope():
         result = measure(fixtures.Workdir("vbfiles"), args.build_dir, args.count)
     for key, title in (("vbridge_ms", "host write -> guest inotifywait"), ("direct_ms", "host write -> host inotifywait")):
@@ -157,9 +149,7 @@ def main() -> int:
         print(f"{title} (n={r['n']}): p50 {r['p50']:.2f} ms  p90 {r['p90']:.2f} ms  p99 {r['p99']:.2f} ms  "
               f"max {r['max']:.2f} ms")
     print(f"missed: {result['missed']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result)
     return 1 if result["missed"] else 0
 
 

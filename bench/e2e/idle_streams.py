@@ -11,8 +11,6 @@ status socket confirms the stream count.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import resource
 import selectors
@@ -23,7 +21,7 @@ import time
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bridge import Pair, fixtures, missing_agents  # noqa: E402
+from bridge import Pair, fixtures, tool_arguments, write_json  # noqa: E402
 
 
 class EchoServer:
@@ -110,14 +108,8 @@ def measure(workdir: fixtures.Workdir, build_dir: str, streams: int, step=None) 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--build-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "build"))
-    parser.add_argument("--streams", type=int, default=1000)
-    parser.add_argument("--json", help="also write the figures here")
-    args = parser.parse_args()
-    reason = missing_agents(args.build_dir)
-    if reason:
-        sys.exit(f"idle_streams: {reason}")
+    args = tool_arguments("idle_streams", __doc__,
+                          lambda parser: parser.add_argument("--streams", type=int, default=1000))
     with fixtures.scope():
         result = measure(fixtures.Workdir("vbidle"), args.build_dir, args.streams)
     for side in ("host", "guest"):
@@ -125,9 +117,7 @@ def main() -> int:
         print(f"{side:5} agent: VmRSS {b['rss_kib'] / 1024:.1f} MiB idle, {w['rss_kib'] / 1024:.1f} MiB with "
               f"{result['streams']} idle streams (VmHWM {w['hwm_kib'] / 1024:.1f} MiB)")
     print(f"streams reported by the host agent: {result['open_streams_reported']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result)
     return 0
 
 

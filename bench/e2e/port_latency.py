@@ -18,8 +18,6 @@ they do not lock onto the guest's scan period.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
 import shutil
@@ -30,7 +28,7 @@ import time
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bridge import Pair, fixtures, missing_agents, percentiles  # noqa: E402
+from bridge import Pair, fixtures, percentiles, tool_arguments, write_json  # noqa: E402
 from paths import free_tcp_port  # noqa: E402
 
 HELPER = r"""
@@ -153,16 +151,12 @@ def measure(workdir: fixtures.Workdir, build_dir: str, count: int, port_poll_ms:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--build-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "build"))
-    parser.add_argument("--count", type=int, default=200)
-    parser.add_argument("--port-poll-ms", type=int, default=20, help="the guest agent's scan period")
-    parser.add_argument("--idle-seconds", type=float, default=10.0)
-    parser.add_argument("--json", help="also write the figures here")
-    args = parser.parse_args()
-    reason = unavailable() or missing_agents(args.build_dir)
-    if reason:
-        sys.exit(f"port_latency: {reason}")
+    def add_arguments(parser) -> None:
+        parser.add_argument("--count", type=int, default=200)
+        parser.add_argument("--port-poll-ms", type=int, default=20, help="the guest agent's scan period")
+        parser.add_argument("--idle-seconds", type=float, default=10.0)
+
+    args = tool_arguments("port_latency", __doc__, add_arguments, unavailable)
     with fixtures.scope():
         result = measure(fixtures.Workdir("vbports"), args.build_dir, args.count, args.port_poll_ms,
                          args.idle_seconds)
@@ -174,9 +168,7 @@ def main() -> int:
         r = result[key]
         print(f"{title:6} (n={r['n']}): p50 {r['p50']:.1f} ms  p90 {r['p90']:.1f} ms  p99 {r['p99']:.1f} ms  "
               f"max {r['max']:.1f} ms  mean {r['mean']:.1f} ms")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result)
     return 0
 
 

@@ -427,6 +427,11 @@ def planned_steps(args, profile: Profile, sections: list[str], skips: dict[str, 
 # Summary: tables, targets, plot
 
 
+def p50_p99(summary: dict, digits: int) -> str:
+    """ "p50 X ms, p99 Y ms" of a percentiles() summary in milliseconds."""
+    return f"p50 {summary['p50']:.{digits}f} ms, p99 {summary['p99']:.{digits}f} ms"
+
+
 def section_lines(doc: dict) -> list[str]:
     lines = []
     idle = doc.get("idle_streams", {})
@@ -439,15 +444,13 @@ def section_lines(doc: dict) -> list[str]:
     ports = doc.get("ports", {})
     if ports.get("appear_ms"):
         a, r = ports["appear_ms"], ports["remove_ms"]
-        lines.append(f"port appear (guest listen() -> host port accepts, n={a['n']}): p50 {a['p50']:.1f} ms, "
-                     f"p99 {a['p99']:.1f} ms, max {a['max']:.1f} ms; gone after close: p50 {r['p50']:.1f} ms, "
-                     f"p99 {r['p99']:.1f} ms")
+        lines.append(f"port appear (guest listen() -> host port accepts, n={a['n']}): {p50_p99(a, 1)}, "
+                     f"max {a['max']:.1f} ms; gone after close: {p50_p99(r, 1)}")
     files = doc.get("file_events", {})
     if files.get("vbridge_ms"):
         v, d = files["vbridge_ms"], files["direct_ms"]
         lines.append(f"file event (host write -> guest inotifywait, n={v['n']}, missed {files['missed']}): "
-                     f"p50 {v['p50']:.2f} ms, p99 {v['p99']:.2f} ms; host's own inotify (direct): "
-                     f"p50 {d.get('p50', 0):.2f} ms")
+                     f"{p50_p99(v, 2)}; host's own inotify (direct): p50 {d.get('p50', 0):.2f} ms")
     for key, title in (("docker", "docker"), ("idle_streams", "memory"), ("ports", "port appear"),
                        ("file_events", "file events")):
         sec = doc.get(key, {})
