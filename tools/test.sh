@@ -76,8 +76,8 @@ if [[ "${VBRIDGE_TEST_SKIP_ASAN:-0}" != 1 ]]; then
   (cd build-asan && ctest --output-on-failure -j "$jobs" -L unit)
   # The agents run instrumented under every integration suite; an ASan or UBSan report aborts the agent,
   # which fails the suite. dockerd, socat and the Python clients are not instrumented. Left out: the fixtures
-  # suite (Python only). The soak and load run shorter; they and the ports suite report memory figures but
-  # do not assert their bounds (ASan's shadow memory and quarantine are not the bridge's).
+  # suite (Python only). The soak and load run shorter; they, the ports and the file events suites report
+  # memory figures but do not assert their bounds (ASan's shadow memory and quarantine are not the bridge's).
   step "integration suites in build-asan/ (agents under ASan + UBSan)"
   (cd build-asan &&
     VBRIDGE_SOAK_SECONDS=60 VBRIDGE_LOAD_STREAMS=5000 VBRIDGE_LOAD_SECONDS=10 \
