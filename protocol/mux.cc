@@ -595,27 +595,26 @@ void Mux::reject(StreamId id, int errno_value, const std::string& message) {
 }
 
 bool Mux::send(StreamId id, Slice data) {
-  Stream* s = find(id);
-  if (s == nullptr || s->phase == StreamPhase::kAccepting || s->fin_queued) return false;
-  if (data.empty()) return true;
-  s->pending_bytes += data.size();
-  buffered_ += data.size();
-  s->pending.push_back(PendingBytes{std::move(data), nullptr, 0});
-  update(*s);
-  return true;
+  const size_t n = data.size();
+  return queue_pending(id, PendingBytes{std::move(data), nullptr, 0}, n);
 }
 
 bool Mux::send_piped(StreamId id, const std::shared_ptr<Pipe>& pipe, size_t n) {
+  return queue_pending(id, PendingBytes{Slice{}, pipe, n}, n);
+}
+
+// Both kinds of bytes wait in one queue per stream, so their order is kept.
+bool Mux::queue_pending(StreamId id, PendingBytes bytes, size_t n) {
   Stream* s = find(id);
   if (s == nullptr || s->phase == StreamPhase::kAccepting || s->fin_queued) return false;
   if (n == 0) return true;
   s->pending_bytes += n;
   buffered_ += n;
   // Consecutive reads into the same pipe make one entry: frames are cut from it in order either way.
-  if (!s->pending.empty() && s->pending.back().pipe == pipe) {
+  if (bytes.pipe != nullptr && !s->pending.empty() && s->pending.back().pipe == bytes.pipe) {
     s->pending.back().piped += n;
   } else {
-    s->pending.push_back(PendingBytes{Slice{}, pipe, n});
+    s->pending.push_back(std::move(bytes));
   }
   update(*s);
   return true;

@@ -202,6 +202,7 @@ class Mux {
   Status handle_control(StreamId id, std::span<const std::byte> payload);
   Status handle_open(StreamId id, const wire::Open* open);
   void deliver_data(Slice piece);
+  bool queue_pending(StreamId id, PendingBytes bytes, size_t n);
   Stream* find(StreamId id) const;
   Stream* find_uncached(StreamId id) const;
   Stream& create_stream(StreamId id, StreamPhase phase);
