@@ -522,6 +522,28 @@ std::string expect_open_fail(Tester& t, StreamId id, std::string* bad) {
   return "";
 }
 
+// An RST for a stream nobody opened: both agents ignore it.
+std::string send_rst_for_unknown_stream(Tester& t, StreamId id) {
+  t.conn().send(frame(FrameType::kRst, id, u32(0) + "no such stream"));
+  t.conn().settle(milliseconds(100));
+  return "ignored it";
+}
+
+// A PORTS message whose listener address holds "..", a NUL and a byte that is not UTF-8, as a snapshot
+// (listener added) or as a diff (listener removed): both agents ignore it.
+std::string send_bad_ports(Tester& t, bool snapshot) {
+  flatbuffers::FlatBufferBuilder b(256);
+  std::vector<flatbuffers::Offset<wire::Listener>> ls{
+      wire::CreateListener(b, wire::Proto::Tcp, wire::Family::Inet4, b.CreateString("../\0\xff", 5), 0)};
+  const auto listeners = b.CreateVector(ls);
+  const auto ports =
+      snapshot ? wire::CreatePorts(b, listeners, {}, true) : wire::CreatePorts(b, {}, listeners, false);
+  b.Finish(wire::CreateControl(b, wire::Message::Ports, ports.Union()));
+  t.conn().send(frame(FrameType::kControl, 0, control(b)));
+  t.conn().settle(milliseconds(100));
+  return "ignored it";
+}
+
 std::vector<Case> cases() {
   std::vector<Case> all;
   // ---- stream-level: refused or ignored, the connection and the good stream carry on ----
@@ -562,21 +584,10 @@ std::vector<Case> cases() {
                        frame(FrameType::kControl, id, open_payload(wire::Proto::Unix, "/tmp/../etc/x.sock")));
                    return expect_open_fail(t, id, bad);
                  }});
-  all.push_back({"rst-unknown-stream", Expect::kKept, [](Tester& t, std::string*) {
-                   t.conn().send(frame(FrameType::kRst, 999999, u32(0) + "no such stream"));
-                   t.conn().settle(milliseconds(100));
-                   return std::string("ignored it");
-                 }});
-  all.push_back({"ports-from-host", Expect::kKept, [](Tester& t, std::string*) {
-                   flatbuffers::FlatBufferBuilder b(256);
-                   std::vector<flatbuffers::Offset<wire::Listener>> ls{wire::CreateListener(
-                       b, wire::Proto::Tcp, wire::Family::Inet4, b.CreateString("../\0\xff", 5), 0)};
-                   b.Finish(wire::CreateControl(b, wire::Message::Ports,
-                                                wire::CreatePorts(b, b.CreateVector(ls), {}, true).Union()));
-                   t.conn().send(frame(FrameType::kControl, 0, control(b)));
-                   t.conn().settle(milliseconds(100));
-                   return std::string("ignored it");
-                 }});
+  all.push_back({"rst-unknown-stream", Expect::kKept,
+                 [](Tester& t, std::string*) { return send_rst_for_unknown_stream(t, 999999); }});
+  all.push_back(
+      {"ports-from-host", Expect::kKept, [](Tester& t, std::string*) { return send_bad_ports(t, true); }});
   all.push_back({"file-events-bad-paths", Expect::kKept,
                  [](Tester& t, std::string*) {
                    flatbuffers::FlatBufferBuilder b(1024);
@@ -722,21 +733,10 @@ std::vector<Case> guest_cases() {
   all.push_back({"open-unexposed-name", Expect::kKept, refused_open("not-exposed")});
   all.push_back({"open-overlong-target", Expect::kKept, refused_open(std::string(4000, 'a'))});
   all.push_back({"open-nul-in-target", Expect::kKept, refused_open(std::string("svc\0/../x", 9))});
-  all.push_back({"rst-unknown-stream", Expect::kKept, [](Tester& t, std::string*) {
-                   t.conn().send(frame(FrameType::kRst, 999998, u32(0) + "no such stream"));
-                   t.conn().settle(milliseconds(100));
-                   return std::string("ignored it");
-                 }});
-  all.push_back({"ports-bad-contents", Expect::kKept, [](Tester& t, std::string*) {
-                   flatbuffers::FlatBufferBuilder b(256);
-                   std::vector<flatbuffers::Offset<wire::Listener>> ls{wire::CreateListener(
-                       b, wire::Proto::Tcp, wire::Family::Inet4, b.CreateString("../\0\xff", 5), 0)};
-                   b.Finish(wire::CreateControl(b, wire::Message::Ports,
-                                                wire::CreatePorts(b, {}, b.CreateVector(ls), false).Union()));
-                   t.conn().send(frame(FrameType::kControl, 0, control(b)));
-                   t.conn().settle(milliseconds(100));
-                   return std::string("ignored it");
-                 }});
+  all.push_back({"rst-unknown-stream", Expect::kKept,
+                 [](Tester& t, std::string*) { return send_rst_for_unknown_stream(t, 999998); }});
+  all.push_back({"ports-bad-contents", Expect::kKept,
+                 [](Tester& t, std::string*) { return send_bad_ports(t, false); }});
   all.push_back({"file-events-from-guest", Expect::kKept, [](Tester& t, std::string*) {
                    flatbuffers::FlatBufferBuilder b(256);
                    std::vector<flatbuffers::Offset<wire::FileEvent>> events{
