@@ -56,6 +56,7 @@ Result<std::unique_ptr<Agent>> Agent::create(AgentConfig config) {
                  "by its VM's host"};
   }
   config.mux.expect_token = config.token;
+  config.mux.shared = config.shared.get();
   auto targets = TargetPolicy::create(config.targets);
   if (!targets) return targets.error();
   auto loop = UringLoop::create();
@@ -75,6 +76,7 @@ Agent::Agent(AgentConfig config, TargetPolicy targets, std::unique_ptr<UringLoop
       targets_(std::move(targets)),
       // Free buffers kept for reuse beyond the ones the rings hold; more are returned to the allocator.
       pool_(config_.buffer_size, 64),
+      conn_pool_(config_.buffer_size, 64, config_.shared.get()),
       loop_(std::move(loop)),
       endpoint_(std::move(endpoint)),
       datagram_pool_(kDatagramBlock, 8),
@@ -85,7 +87,7 @@ Agent::Agent(AgentConfig config, TargetPolicy targets, std::unique_ptr<UringLoop
 Status Agent::setup() {
   if (config_.buffer_rings) {
     auto transport = ReadBuffers::ring(*loop_, pool_, kTransportGroup, config_.transport_ring_entries);
-    auto conn = transport ? ReadBuffers::ring(*loop_, pool_, kConnGroup, config_.conn_ring_entries)
+    auto conn = transport ? ReadBuffers::ring(*loop_, conn_pool_, kConnGroup, config_.conn_ring_entries)
                           : transport.error();
     if (transport && conn) {
       transport_buffers_ = std::move(*transport);
@@ -96,7 +98,7 @@ Status Agent::setup() {
   }
   if (!transport_buffers_) {
     transport_buffers_ = ReadBuffers::plain(pool_);
-    conn_buffers_ = ReadBuffers::plain(pool_);
+    conn_buffers_ = ReadBuffers::plain(conn_pool_);
   }
   env_ = std::make_unique<SessionEnv>(SessionEnv{*loop_, *transport_buffers_, *conn_buffers_, targets_,
                                                  counters_, config_.mux, *this, datagram_pool_,
@@ -154,10 +156,11 @@ std::string Agent::counters_line() const {
   const auto& ls = loop_->stats();
   return fmt::format(
       "{} loop_iterations={} completions={} early_submits={} transport_reads={} conn_reads={} "
-      "read_buffers_exhausted={} pool_buffers={}",
+      "read_buffers_exhausted={} pool_buffers={} shared_misses={}",
       counters_.to_string(), ls.iterations, ls.completions, ls.early_submits,
       transport_buffers_->stats().reads, conn_buffers_->stats().reads,
-      transport_buffers_->stats().exhausted + conn_buffers_->stats().exhausted, pool_.stats().allocated);
+      transport_buffers_->stats().exhausted + conn_buffers_->stats().exhausted, pool_.stats().allocated,
+      conn_pool_.stats().shared_misses);
 }
 
 int Agent::run() {

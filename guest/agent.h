@@ -72,6 +72,8 @@ struct AgentConfig {
   // The shared secret a host's HELLO must carry (--token-file); required on unix and TCP transports unless
   // --insecure-no-token. Not used on serial ports.
   std::string token;
+  // --shm-file: the memory shared with the host agent; guest sockets are read into its guest half.
+  std::shared_ptr<SharedMemory> shared;
 };
 
 class Agent final : private SessionHooks {
@@ -138,7 +140,8 @@ class Agent final : private SessionHooks {
 
   AgentConfig config_;
   TargetPolicy targets_;
-  BufferPool pool_;
+  BufferPool pool_;       // transport reads and everything else
+  BufferPool conn_pool_;  // guest socket reads: in shared memory when there is some
   std::unique_ptr<UringLoop> loop_;
   TransportEndpoint endpoint_;
   std::unique_ptr<ReadBuffers> transport_buffers_;

@@ -9,6 +9,7 @@
 #include "guest/agent.h"
 #include "protocol/address.h"
 #include "protocol/log.h"
+#include "protocol/shared_memory.h"
 #include "protocol/token_file.h"
 
 int main(int argc, char** argv) {
@@ -35,6 +36,7 @@ int main(int argc, char** argv) {
   bool no_buffer_ring = false;
   bool splice = false;
   size_t buffer_kib = 256;
+  std::string shm_file;
 
   app.add_option(
          "--listen", listen,
@@ -96,6 +98,11 @@ int main(int argc, char** argv) {
       "--splice", splice,
       "Move bulk transfers from guest sockets to the transport by splice(2) through a pipe instead of "
       "reads into memory (fewer copies in this agent; see bench/RESULTS.md for when it wins)");
+  app.add_option(
+      "--shm-file", shm_file,
+      "Memory shared with the host agent (its --shm-file): a file both agents map, or \"pci\" for the VM's "
+      "ivshmem device. Bytes read from guest sockets land in it and the host agent writes them out from "
+      "there, so the transport carries references instead of the bytes");
   app.add_option("--buffer-kib", buffer_kib,
                  "Size of one read buffer in KiB; also the largest single read from a socket")
       ->check(CLI::Range(size_t{4}, size_t{1024}))
@@ -170,6 +177,24 @@ int main(int argc, char** argv) {
   config.buffer_rings = !no_buffer_ring;
   config.splice = splice;
   config.buffer_size = buffer_kib * 1024;
+  if (!shm_file.empty()) {
+    std::string path = shm_file;
+    if (path == "pci") {
+      path = SharedMemory::find_ivshmem_bar();
+      if (path.empty()) {
+        log::error(
+            "--shm-file pci: no ivshmem PCI device (1af4:1110) in /sys/bus/pci/devices; start the VM "
+            "with one, or drop --shm-file");
+        return 2;
+      }
+    }
+    auto shared = SharedMemory::attach(path);
+    if (!shared) {
+      log::error("{}", shared.error().message);
+      return 2;
+    }
+    config.shared = std::move(*shared);
+  }
 
   auto agent = guest::Agent::create(std::move(config));
   if (!agent) {

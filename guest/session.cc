@@ -356,6 +356,10 @@ void Session::feed(const Slice& bytes) {
 void Session::on_ready(const Hello& peer) {
   log::info("{}: host ready (protocol {}, max frame {}, window {}, max streams {})", peer_, peer.version,
             peer.max_frame, peer.initial_window, peer.max_streams);
+  if (const std::string note = shared_memory_note(env_.mux_config.shared, peer, mux_.shared_active());
+      !note.empty()) {
+    log::info("{}: {}", peer_, note);
+  }
   env_.hooks.on_host_ready(*this);
 }
 

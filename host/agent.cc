@@ -14,18 +14,29 @@ using Clock = std::chrono::steady_clock;
 Agent::Agent(uv_loop_t* loop, AgentConfig config)
     : loop_(loop),
       config_(std::move(config)),
-      pool_(1024 * 1024, 64),
+      pool_(1024 * 1024, 64, config_.shared.get()),
       client_arena_(pool_),
+      transport_pool_(1024 * 1024, 16),
       compact_pool_(64 * 1024, 16),
       compact_arena_(compact_pool_, 4 * 1024) {
   uv_timer_init(loop_, &dial_timer_);
   uv_timer_init(loop_, &tick_timer_);
   uv_idle_init(loop_, &reaper_);
-  dial_timer_.data = tick_timer_.data = reaper_.data = this;
+  uv_idle_init(loop_, &returns_flush_);
+  dial_timer_.data = tick_timer_.data = reaper_.data = returns_flush_.data = this;
+  config_.mux.shared = config_.shared.get();
+  if (config_.shared) {
+    // A loan returned outside a flush (a client reset, a compaction) still goes back soon.
+    config_.shared->on_returned = [this] {
+      uv_idle_start(&returns_flush_, [](uv_idle_t* h) { static_cast<Agent*>(h->data)->flush_returns(); });
+    };
+  }
   disconnected_since_ = Clock::now();
 }
 
-Agent::~Agent() = default;
+Agent::~Agent() {
+  if (config_.shared) config_.shared->on_returned = nullptr;
+}
 
 Status Agent::start() {
   for (const UnixForward& forward : config_.unix_forwards) {
@@ -95,6 +106,9 @@ void Agent::stop() {
   uv_timer_stop(&tick_timer_);
   uv_close(reinterpret_cast<uv_handle_t*>(&dial_timer_), nullptr);
   uv_close(reinterpret_cast<uv_handle_t*>(&tick_timer_), nullptr);
+  if (config_.shared) config_.shared->on_returned = nullptr;
+  uv_idle_stop(&returns_flush_);
+  uv_close(reinterpret_cast<uv_handle_t*>(&returns_flush_), nullptr);
   uv_idle_start(&reaper_, [](uv_idle_t* h) { static_cast<Agent*>(h->data)->reap(); });
 }
 
@@ -112,7 +126,7 @@ void Agent::dial() {
     return;
   }
   ++counters_.sessions;
-  session_ = std::make_unique<Session>(loop_, std::move(*fd), pool_, *this, config_.mux);
+  session_ = std::make_unique<Session>(loop_, std::move(*fd), transport_pool_, *this, config_.mux);
   last_ping_ = Clock::now();
 }
 
@@ -129,6 +143,11 @@ void Agent::on_session_ready(const Hello& peer) {
   connected_since_ = Clock::now();
   log::info("connected to guest agent at {} (protocol {}, window {} KiB, max frame {} KiB)",
             config_.transport.to_string(), peer.version, peer.initial_window / 1024, peer.max_frame / 1024);
+  if (const std::string note =
+          shared_memory_note(config_.shared.get(), peer, session_->mux().shared_active());
+      !note.empty()) {
+    log::info("{}", note);
+  }
   auto waiting = std::move(pending_);
   pending_.clear();
   for (auto& p : waiting) p.bridge->attach(*session_);
@@ -217,6 +236,11 @@ void Agent::reap() {
   if (stopping_ && bridges_.empty()) {
     uv_close(reinterpret_cast<uv_handle_t*>(&reaper_), nullptr);
   }
+}
+
+void Agent::flush_returns() {
+  uv_idle_stop(&returns_flush_);
+  if (session_ && !session_->lost()) session_->flush();
 }
 
 void Agent::pump_file_events() {
@@ -308,9 +332,20 @@ std::string Agent::status_json() const {
                 {"frames_in", c.frames_in},
                 {"frames_out", c.frames_out}};
   }
-  j["buffers"] = {{"live", pool_.stats().live},
-                  {"in_use", pool_.stats().in_use},
-                  {"bytes", pool_.stats().bytes_live},
+  if (session_) {
+    const MuxCounters& c = session_->mux().counters();
+    j["shared_memory"] = {{"path", config_.shared ? config_.shared->path() : ""},
+                          {"active", session_->mux().shared_active()},
+                          {"bytes_out_by_ref", c.bytes_out_by_ref},
+                          {"bytes_in_by_ref", c.bytes_in_by_ref},
+                          {"loans_outstanding", session_->mux().loans_outstanding()},
+                          {"borrowed_bytes", config_.shared ? config_.shared->borrowed_now() : 0},
+                          {"blocks_in_use", pool_.stats().shared_in_use},
+                          {"misses", pool_.stats().shared_misses}};
+  }
+  j["buffers"] = {{"live", pool_.stats().live + transport_pool_.stats().live},
+                  {"in_use", pool_.stats().in_use + transport_pool_.stats().in_use},
+                  {"bytes", pool_.stats().bytes_live + transport_pool_.stats().bytes_live},
                   {"compact_in_use", compact_pool_.stats().in_use},
                   {"compact_bytes", compact_pool_.stats().bytes_live}};
   nlohmann::json forwards = nlohmann::json::array();

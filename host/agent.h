@@ -53,6 +53,8 @@ struct AgentConfig {
   bool splice = false;            // bulk transfers from host clients move by splice(2) (--splice)
   int keepalive_ms = 5000;        // PING period; 3 unanswered pings mean the guest is gone
   int max_backoff_ms = 500;
+  // --shm-file: memory shared with the guest agent; client sockets are read into its host half.
+  std::shared_ptr<SharedMemory> shared;
 };
 
 struct AgentCounters {
@@ -96,11 +98,14 @@ class Agent final : public SessionObserver, public BridgeOwner {
   // Sends due FILE_EVENTS batches while the transport keeps up; otherwise lets the watcher merge them.
   void pump_file_events();
   void reap();
+  void flush_returns();
 
   uv_loop_t* loop_;
   AgentConfig config_;
-  BufferPool pool_;
+  BufferPool pool_;  // client reads: in shared memory when there is some
   ReadArena client_arena_;
+  BufferPool transport_pool_;  // transport reads
+  uv_idle_t returns_flush_;    // sends RELEASE for loans returned outside a flush
   // Small blocks that slow readers' queued bytes move into (see compact_queue); declared before the bridges
   // that hold them.
   BufferPool compact_pool_;

@@ -13,6 +13,7 @@
 #include "host/agent.h"
 #include "host/docker_context.h"
 #include "protocol/log.h"
+#include "protocol/shared_memory.h"
 #include "protocol/token_file.h"
 
 namespace {
@@ -76,6 +77,8 @@ int main(int argc, char** argv) {
   std::string status_sock;
   std::string log_level = "info";
   std::string token_file;
+  std::string shm_file;
+  size_t shm_size_mib = kDefaultSharedSize >> 20;
   uint32_t window_kib = 4096;
   int keepalive_ms = 5000;
   bool splice = false;
@@ -97,6 +100,13 @@ int main(int argc, char** argv) {
   app.add_option("--token-file", token_file,
                  "File holding the shared secret the guest agent requires on unix: and tcp: transports (the "
                  "same file as vbridge-guest --token-file; mode 0600)");
+  app.add_option("--shm-file", shm_file,
+                 "Memory shared with the guest agent (give it the same file, or ivshmem in a VM): bytes read "
+                 "from host clients land in it and the guest agent writes them out from there, so the "
+                 "transport carries references instead of the bytes. Created mode 0600; put it on tmpfs");
+  app.add_option("--shm-size-mib", shm_size_mib, "Size of --shm-file in MiB, both halves")
+      ->check(CLI::Range(size_t{2}, size_t{4095}))
+      ->capture_default_str();
   app.add_option("-i,--instance", instance, "Instance name; keeps several VMs' sockets apart")
       ->capture_default_str();
   app.add_option("--runtime-dir", runtime_dir,
@@ -197,6 +207,14 @@ int main(int argc, char** argv) {
     }
     config.mux.hello_token = std::move(*token);
     config.token_file = token_file;
+  }
+  if (!shm_file.empty()) {
+    auto shared = SharedMemory::create(shm_file, shm_size_mib << 20);
+    if (!shared) {
+      log::error("{}", shared.error().message);
+      return 2;
+    }
+    config.shared = std::move(*shared);
   }
   for (const std::string& share : shares) {
     const size_t eq = share.find('=');

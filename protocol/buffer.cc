@@ -6,9 +6,12 @@
 #include <cstring>
 #include <new>
 
-namespace vbridge {
+#include "protocol/shared_memory.h"
 
-void Buffer::release() { pool_->release(this); }
+namespace vbridge {
+namespace {
+constexpr uint64_t kSharedTag = 1;  // a pool buffer whose block is in shared memory
+}  // namespace
 
 Slice& Slice::operator=(const Slice& other) {
   if (this != &other) {
@@ -25,8 +28,14 @@ void Slice::advance(size_t n) {
   if (size_ == 0) reset();
 }
 
-BufferPool::BufferPool(size_t block_size, size_t max_cached)
-    : block_size_(block_size), max_cached_(max_cached) {}
+BufferPool::BufferPool(size_t block_size, size_t max_cached, SharedMemory* shared)
+    : block_size_(block_size), max_cached_(max_cached), shared_(shared) {
+  if (shared_ == nullptr) return;
+  // Every block of the local half gets its header now; they are never freed, only reused.
+  for (std::byte* block : shared_->carve(block_size_)) {
+    free_shared_.push_back(new Buffer(this, block, static_cast<uint32_t>(block_size_), kSharedTag));
+  }
+}
 
 BufferPool::~BufferPool() {
   // Buffers still referenced at this point are leaked on purpose rather than freed under their owners;
@@ -36,9 +45,18 @@ BufferPool::~BufferPool() {
     b->~Buffer();
     std::free(b);
   }
+  for (Buffer* b : free_shared_) delete b;
 }
 
 Slice BufferPool::acquire() {
+  if (!free_shared_.empty()) {
+    Buffer* b = free_shared_.back();
+    free_shared_.pop_back();
+    ++stats_.in_use;
+    ++stats_.shared_in_use;
+    return Slice(b, 0, static_cast<uint32_t>(block_size_));
+  }
+  if (shared_ != nullptr) ++stats_.shared_misses;
   Buffer* b;
   if (!free_.empty()) {
     b = free_.back();
@@ -46,7 +64,8 @@ Slice BufferPool::acquire() {
   } else {
     void* mem = std::malloc(sizeof(Buffer) + block_size_);
     if (mem == nullptr) throw std::bad_alloc();
-    b = new (mem) Buffer(this, static_cast<uint32_t>(block_size_));
+    b = new (mem)
+        Buffer(this, static_cast<std::byte*>(mem) + sizeof(Buffer), static_cast<uint32_t>(block_size_));
     ++stats_.allocated;
     ++stats_.live;
     stats_.bytes_live += block_size_;
@@ -57,6 +76,11 @@ Slice BufferPool::acquire() {
 
 void BufferPool::release(Buffer* buffer) {
   --stats_.in_use;
+  if (buffer->tag() == kSharedTag) {
+    --stats_.shared_in_use;
+    free_shared_.push_back(buffer);
+    return;
+  }
   if (free_.size() < max_cached_) {
     free_.push_back(buffer);
     return;

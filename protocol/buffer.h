@@ -12,33 +12,44 @@
 
 namespace vbridge {
 
-class BufferPool;
+class Buffer;
+class SharedMemory;
 
-// A fixed-capacity block; its bytes follow this header in the same allocation.
+// Whoever a Buffer goes back to when its last reference is dropped.
+class BufferOwner {
+ public:
+  virtual void release(Buffer* buffer) = 0;
+
+ protected:
+  ~BufferOwner() = default;
+};
+
+// A fixed-capacity block of bytes: on the heap right after this header, or in shared memory.
 class Buffer {
  public:
-  std::byte* data() { return reinterpret_cast<std::byte*>(this + 1); }
-  const std::byte* data() const { return reinterpret_cast<const std::byte*>(this + 1); }
+  Buffer(BufferOwner* owner, std::byte* data, uint32_t capacity, uint64_t tag = 0)
+      : owner_(owner), data_(data), capacity_(capacity), tag_(tag) {}
+
+  std::byte* data() { return data_; }
+  const std::byte* data() const { return data_; }
   size_t capacity() const { return capacity_; }
   uint32_t refs() const { return refs_; }
-
-  // Recovers the Buffer that owns `data` (a pointer previously returned by data()).
-  static Buffer* from_data(std::byte* data) { return reinterpret_cast<Buffer*>(data) - 1; }
+  // The owner's own mark (a shared-memory loan: which one it is).
+  uint64_t tag() const { return tag_; }
 
   void ref() { ++refs_; }
   void unref() {
     assert(refs_ > 0);
-    if (--refs_ == 0) release();
+    if (--refs_ == 0) owner_->release(this);
   }
 
  private:
   friend class BufferPool;
-  Buffer(BufferPool* pool, uint32_t capacity) : pool_(pool), capacity_(capacity) {}
-  void release();
-
-  BufferPool* pool_;
+  BufferOwner* owner_;
+  std::byte* data_;
   uint32_t capacity_;
   uint32_t refs_ = 0;
+  uint64_t tag_;
 };
 
 // A counted reference to bytes [offset, offset+size) of a Buffer. Copying a Slice shares the bytes; it
@@ -98,12 +109,16 @@ struct PoolStats {
   uint64_t live = 0;       // buffers currently allocated (in use + cached)
   uint64_t in_use = 0;     // buffers with at least one reference
   uint64_t bytes_live = 0;
+  uint64_t shared_in_use = 0;  // buffers in use whose bytes lie in shared memory
+  uint64_t shared_misses = 0;  // acquisitions that found the shared blocks all taken, and used the heap
 };
 
-class BufferPool {
+class BufferPool final : public BufferOwner {
  public:
   // block_size: bytes per buffer. max_cached: how many free buffers are kept for reuse; more are freed.
-  explicit BufferPool(size_t block_size = 256 * 1024, size_t max_cached = 64);
+  // With `shared`, buffers come from this side's half of the shared memory while it has free blocks (the
+  // peer reads their bytes in place), and from the heap after that.
+  explicit BufferPool(size_t block_size = 256 * 1024, size_t max_cached = 64, SharedMemory* shared = nullptr);
   ~BufferPool();
   BufferPool(const BufferPool&) = delete;
   BufferPool& operator=(const BufferPool&) = delete;
@@ -114,12 +129,13 @@ class BufferPool {
   const PoolStats& stats() const { return stats_; }
 
  private:
-  friend class Buffer;
-  void release(Buffer* buffer);
+  void release(Buffer* buffer) override;
 
   size_t block_size_;
   size_t max_cached_;
+  SharedMemory* shared_;
   std::vector<Buffer*> free_;
+  std::vector<Buffer*> free_shared_;  // headers of shared blocks, with their block
   PoolStats stats_;
 };
 

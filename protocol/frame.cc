@@ -17,6 +17,8 @@ const char* frame_type_name(FrameType type) {
     case FrameType::kRst: return "RST";
     case FrameType::kPing: return "PING";
     case FrameType::kPong: return "PONG";
+    case FrameType::kDataRef: return "DATA_REF";
+    case FrameType::kRelease: return "RELEASE";
   }
   return "UNKNOWN";
 }
@@ -55,6 +57,7 @@ std::vector<std::byte> encode_hello(const Hello& hello) {
   store_u32(out.data() + 16, hello.max_frame);
   store_u32(out.data() + 20, hello.initial_window);
   store_u32(out.data() + 24, hello.max_streams);
+  store_u32(out.data() + 28, hello.shared_region);
   std::memcpy(out.data() + kHelloPayloadSize, hello.token.data(), hello.token.size());
   return out;
 }
@@ -98,6 +101,7 @@ Result<Hello> decode_hello(std::span<const std::byte> payload) {
   h.max_frame = load_u32(payload.data() + 16);
   h.initial_window = load_u32(payload.data() + 20);
   h.max_streams = load_u32(payload.data() + 24);
+  h.shared_region = load_u32(payload.data() + 28);
   h.token.assign(reinterpret_cast<const char*>(payload.data()) + kHelloPayloadSize,
                  payload.size() - kHelloPayloadSize);
   if (h.max_frame < 1024 || h.initial_window < 1024 || h.max_streams == 0) {

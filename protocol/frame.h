@@ -36,8 +36,16 @@ enum class FrameType : uint8_t {
   kRst = 5,
   kPing = 6,
   kPong = 7,
+  // Stream bytes that lie in the sender's half of the shared memory (protocol/shared_memory.h), named
+  // instead of sent: u32 loan | u32 offset in the sender's half | u32 length. Counts against credit like
+  // DATA.
+  kDataRef = 8,
+  // Stream 0: loans (u32 each) whose bytes the receiver no longer uses; the sender may reuse the memory.
+  kRelease = 9,
 };
-inline constexpr uint8_t kMaxFrameType = 7;
+inline constexpr uint8_t kMaxFrameType = 9;
+inline constexpr size_t kDataRefPayloadSize = 12;
+inline constexpr size_t kMaxReleaseLoans = 4096;
 const char* frame_type_name(FrameType type);
 
 // Feature bits announced in HELLO; a feature is on when both sides announce it.
@@ -45,6 +53,7 @@ enum Feature : uint64_t {
   kFeaturePorts = 1u << 0,
   kFeatureFileEvents = 1u << 1,
   kFeatureUdp = 1u << 2,
+  kFeatureSharedMemory = 1u << 3,  // with equal Hello::shared_region on both sides
 };
 
 struct FrameHeader {
@@ -66,6 +75,7 @@ struct Hello {
   uint32_t max_frame = 0;       // largest payload this side accepts
   uint32_t initial_window = 0;  // credit each new stream starts with, in bytes
   uint32_t max_streams = 0;     // concurrent streams this side accepts
+  uint32_t shared_region = 0;   // the nonce of the shared memory this side mapped; 0: none
   // The shared secret of --token-file (unix and TCP transports): the bytes after the fixed 32, empty when
   // none. The host sends it; a guest that requires one answers only a HELLO carrying the same token.
   std::string token;

@@ -59,6 +59,10 @@ const char* stream_state_name(StreamState state) {
 Mux::Mux(Role role, MuxHandler& handler, MuxConfig config)
     : role_(role), handler_(handler), config_(config), next_local_id_(role == Role::kHost ? 1 : 2) {
   hunting_ = config_.resync;
+  if (config_.shared != nullptr) {
+    config_.features |= kFeatureSharedMemory;
+    shared_generation_ = config_.shared->new_generation();
+  }
   if (config_.serial_acceptor) {
     // Not a frame any version accepts: an old session on the other end ends with a protocol error.
     OutFrame& marker = queue_frame(FrameType::kData, 0, 0);
@@ -77,6 +81,7 @@ void Mux::queue_hello() {
   hello.initial_window = config_.initial_window;
   hello.max_streams = config_.max_streams;
   hello.token = config_.hello_token;
+  if (config_.shared != nullptr) hello.shared_region = config_.shared->nonce();
   const auto payload = encode_hello(hello);
   OutFrame& f = queue_frame(FrameType::kHello, 0, static_cast<uint32_t>(payload.size()));
   f.owned.assign(payload.begin(), payload.end());
@@ -213,22 +218,19 @@ Status Mux::on_frame_header() {
     case FrameType::kData: {
       if (h.stream_id == 0) return bad("DATA needs a stream");
       if (h.length > config_.max_frame) return bad("larger than the announced max frame size");
-      Stream* s = find(h.stream_id);
-      if (s == nullptr) {
-        const bool known =
-            is_local_id(h.stream_id) ? h.stream_id < next_local_id_ : h.stream_id <= last_peer_id_;
-        if (!known) return bad("stream was never opened");
-        return {};  // raced a local reset: deliver_data drops it
-      }
-      if (s->fin_received) return bad("data after FIN");
-      if (h.length > s->recv_window) {
-        return Error{ErrorCode::kFlowControl, 0,
-                     fmt::format("stream {} sent {} bytes with only {} bytes of credit", h.stream_id,
-                                 h.length, s->recv_window)};
-      }
-      s->recv_window -= h.length;
-      return {};
+      auto admitted = admit_data(FrameType::kData, h.stream_id, h.length);
+      return admitted ? Status{} : Status{admitted.error()};
     }
+    case FrameType::kDataRef:
+      if (!shared_active_) return bad("no shared memory was agreed in HELLO");
+      if (h.stream_id == 0 || h.length != kDataRefPayloadSize) return bad("needs a stream and 12 bytes");
+      return {};
+    case FrameType::kRelease:
+      if (!shared_active_) return bad("no shared memory was agreed in HELLO");
+      if (h.stream_id != 0 || h.length == 0 || h.length % 4 != 0 || h.length > 4 * kMaxReleaseLoans) {
+        return bad("needs stream 0 and 1 to 4096 loans of 4 bytes");
+      }
+      return {};
     case FrameType::kControl:
       if (h.length > config_.max_control) return bad("larger than the control message limit");
       return {};
@@ -247,6 +249,89 @@ Status Mux::on_frame_header() {
       return {};
   }
   return bad("unknown type");
+}
+
+Result<Mux::Stream*> Mux::admit_data(FrameType type, StreamId id, uint32_t length) {
+  const auto bad = [&](const char* why) {
+    return Error{
+        ErrorCode::kProtocol, 0,
+        fmt::format("{} frame on stream {} with length {}: {}", frame_type_name(type), id, length, why)};
+  };
+  Stream* s = find(id);
+  if (s == nullptr) {
+    const bool known = is_local_id(id) ? id < next_local_id_ : id <= last_peer_id_;
+    if (!known) return bad("stream was never opened");
+    return nullptr;  // raced a local reset
+  }
+  if (s->fin_received) return bad("data after FIN");
+  if (length > s->recv_window) {
+    return Error{
+        ErrorCode::kFlowControl, 0,
+        fmt::format("stream {} sent {} bytes with only {} bytes of credit", id, length, s->recv_window)};
+  }
+  s->recv_window -= length;
+  return s;
+}
+
+Status Mux::handle_data_ref(StreamId id, std::span<const std::byte> payload) {
+  const uint32_t loan = load_u32(payload.data());
+  const uint32_t offset = load_u32(payload.data() + 4);
+  const uint32_t length = load_u32(payload.data() + 8);
+  const size_t half = config_.shared->peer_half().size();
+  if (length == 0 || length > config_.max_frame || offset > half || length > half - offset) {
+    return Error{ErrorCode::kProtocol, 0,
+                 fmt::format("DATA_REF on stream {} names bytes [{}, +{}) outside the peer's {}-byte half of "
+                             "the shared memory",
+                             id, offset, length, half)};
+  }
+  // Borrowed first: the loan goes back when this Slice is dropped, also when the bytes are refused.
+  Slice bytes = config_.shared->borrow(shared_generation_, loan, offset, length);
+  auto admitted = admit_data(FrameType::kDataRef, id, length);
+  if (!admitted) return admitted.error();
+  if (*admitted == nullptr) {
+    counters_.data_for_closed_stream += length;
+    return {};
+  }
+  counters_.bytes_in += length;
+  counters_.bytes_in_by_ref += length;
+  handler_.on_data(id, std::move(bytes));
+  return {};
+}
+
+void Mux::handle_release(std::span<const std::byte> payload) {
+  for (size_t at = 0; at + 4 <= payload.size(); at += 4) {
+    const uint32_t loan = load_u32(payload.data() + at);
+    if (loan >= lent_.size() || lent_[loan].empty()) {
+      ++counters_.unknown_releases;
+      continue;
+    }
+    lent_[loan].reset();
+    free_loans_.push_back(loan);
+  }
+}
+
+uint32_t Mux::lend(Slice bytes) {
+  if (free_loans_.empty()) {
+    lent_.push_back(std::move(bytes));
+    return static_cast<uint32_t>(lent_.size() - 1);
+  }
+  const uint32_t loan = free_loans_.back();
+  free_loans_.pop_back();
+  lent_[loan] = std::move(bytes);
+  return loan;
+}
+
+// Our loans from the peer that were returned (their last Slice dropped) go back in RELEASE frames.
+void Mux::queue_releases() {
+  if (config_.shared == nullptr || !config_.shared->has_returned() || !peer_ || failure_) return;
+  returning_.clear();
+  config_.shared->take_returned(shared_generation_, returning_);
+  for (size_t at = 0; at < returning_.size(); at += kMaxReleaseLoans) {
+    const size_t n = std::min(kMaxReleaseLoans, returning_.size() - at);
+    OutFrame& f = queue_frame(FrameType::kRelease, 0, static_cast<uint32_t>(4 * n));
+    f.owned.resize(4 * n);
+    for (size_t i = 0; i < n; ++i) store_u32(f.owned.data() + 4 * i, returning_[at + i]);
+  }
 }
 
 void Mux::deliver_data(Slice piece) {
@@ -271,6 +356,8 @@ Status Mux::on_frame_payload(std::span<const std::byte> payload) {
       }
       hello->token.clear();
       peer_ = *hello;
+      shared_active_ = config_.shared != nullptr && (peer_->features & kFeatureSharedMemory) != 0 &&
+                       peer_->shared_region != 0 && peer_->shared_region == config_.shared->nonce();
       // The answer to the peer's HELLO.
       if (config_.serial_acceptor || !config_.expect_token.empty()) queue_hello();
       // Streams opened before the HELLO arrived started with the minimum credit; top them up.
@@ -279,6 +366,8 @@ Status Mux::on_frame_payload(std::span<const std::byte> payload) {
       return {};
     }
     case FrameType::kData: return {};
+    case FrameType::kDataRef: return handle_data_ref(h.stream_id, payload);
+    case FrameType::kRelease: handle_release(payload); return {};
     case FrameType::kControl: return handle_control(h.stream_id, payload);
     case FrameType::kWindowUpdate: {
       Stream* s = find(h.stream_id);
@@ -425,6 +514,7 @@ Status Mux::handle_open(StreamId id, const wire::Open* open) {
 
 size_t Mux::prepare_output(std::span<iovec> out) {
   if (!closed_.empty()) reap();
+  queue_releases();
   if (!ready_.empty() || !starved_.empty()) schedule();
   size_t n = 0;
   size_t skip = out_consumed_;
@@ -470,6 +560,7 @@ void Mux::consume_output(size_t n) {
 }
 
 bool Mux::has_output() {
+  queue_releases();
   if (!ready_.empty() || !starved_.empty()) schedule();
   return !out_.empty();
 }
@@ -514,6 +605,33 @@ void Mux::schedule() {
     uint64_t budget = std::min<uint64_t>(config_.quantum, s->send_credit);
     while (budget > 0 && !s->pending.empty()) {
       PendingBytes& head = s->pending.front();
+      // Bytes in shared memory leave as a 12-byte reference: they hold up nobody on the transport, so the
+      // quantum does not cut them.
+      const int64_t shared_offset =
+          shared_active_ && head.pipe == nullptr ? config_.shared->local_offset(head.bytes) : -1;
+      if (shared_offset >= 0) {
+        const size_t take = std::min<size_t>({head.size(), s->send_credit, frame_limit});
+        Slice lent;
+        if (take == head.bytes.size()) {
+          lent = std::move(head.bytes);
+          s->pending.pop_front();
+        } else {
+          lent = head.bytes.sub(0, take);
+          head.bytes.advance(take);
+        }
+        OutFrame& f = queue_frame(FrameType::kDataRef, id, kDataRefPayloadSize);
+        store_u32(f.small.data(), lend(std::move(lent)));
+        store_u32(f.small.data() + 4, static_cast<uint32_t>(shared_offset));
+        store_u32(f.small.data() + 8, static_cast<uint32_t>(take));
+        f.small_size = kDataRefPayloadSize;
+        budget -= std::min<uint64_t>(budget, take);
+        s->send_credit -= take;
+        s->pending_bytes -= take;
+        buffered_ -= take;
+        counters_.bytes_out += take;
+        counters_.bytes_out_by_ref += take;
+        continue;
+      }
       const size_t take = std::min<size_t>({head.size(), budget, frame_limit});
       OutFrame& f = queue_frame(FrameType::kData, id, static_cast<uint32_t>(take));
       if (head.pipe != nullptr) {

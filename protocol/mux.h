@@ -29,6 +29,7 @@
 #include "protocol/frame.h"
 #include "protocol/pipe.h"
 #include "protocol/result.h"
+#include "protocol/shared_memory.h"
 
 namespace vbridge {
 
@@ -57,6 +58,10 @@ struct MuxConfig {
   // answers with encode_refusal() before closing. A refusal is reported to the connecting side as kAuth.
   std::string hello_token;
   std::string expect_token;
+  // Memory mapped by both agents (protocol/shared_memory.h), or null. When both HELLOs name the same region,
+  // DATA whose bytes lie in this side's half leaves as a DATA_REF naming them, and the peer's DATA_REFs
+  // arrive as Slices of the peer's half. It must outlive every Slice the mux hands out.
+  SharedMemory* shared = nullptr;
 };
 
 // The lifecycle of one stream. Half-close is tracked by two flags beside it (fin_sent, fin_received).
@@ -82,8 +87,10 @@ struct MuxCounters {
   uint64_t frames_in = 0, frames_out = 0;
   uint64_t bytes_in = 0, bytes_out = 0;  // payload bytes of DATA frames
   uint64_t streams_opened = 0, streams_accepted = 0, streams_refused = 0, streams_reset = 0;
-  uint64_t data_for_closed_stream = 0;  // DATA that raced a local reset; dropped
-  uint64_t resync_skipped = 0;          // stale bytes skipped before the peer's HELLO
+  uint64_t data_for_closed_stream = 0;                 // DATA that raced a local reset; dropped
+  uint64_t resync_skipped = 0;                         // stale bytes skipped before the peer's HELLO
+  uint64_t bytes_out_by_ref = 0, bytes_in_by_ref = 0;  // DATA bytes that went as DATA_REF (in bytes_out/in)
+  uint64_t unknown_releases = 0;                       // RELEASEs of loans not outstanding; ignored
 };
 
 // What the mux tells the application. Callbacks may call back into the Mux.
@@ -173,6 +180,10 @@ class Mux {
   uint64_t buffered_bytes() const { return buffered_; }
   const std::optional<Hello>& peer() const { return peer_; }
   const std::optional<Error>& failure() const { return failure_; }
+  // Both sides map the same shared memory: stream bytes in it travel by reference.
+  bool shared_active() const { return shared_active_; }
+  // Loans the peer has not returned yet.
+  size_t loans_outstanding() const { return lent_.size() - free_loans_.size(); }
 
  private:
   struct Stream;
@@ -181,8 +192,8 @@ class Mux {
     Slice payload;               // DATA payload: the sender's bytes
     std::shared_ptr<Pipe> pipe;  // ... or `piped` bytes waiting in this pipe
     uint32_t piped = 0;
-    std::vector<std::byte> owned;    // CONTROL and RST payloads, built by the mux
-    std::array<std::byte, 8> small;  // WINDOW_UPDATE, PING and PONG payloads, without a heap allocation
+    std::vector<std::byte> owned;     // CONTROL and RST payloads, built by the mux
+    std::array<std::byte, 12> small;  // WINDOW_UPDATE, PING, PONG and DATA_REF payloads, without allocating
     uint8_t small_size = 0;
     size_t size() const { return kFrameHeaderSize + payload.size() + piped + owned.size() + small_size; }
   };
@@ -202,6 +213,13 @@ class Mux {
   Status handle_control(StreamId id, std::span<const std::byte> payload);
   Status handle_open(StreamId id, const wire::Open* open);
   void deliver_data(Slice piece);
+  // Checks a DATA or DATA_REF of `length` bytes on stream `id` and takes its credit. Null with success:
+  // the stream raced a local reset and the bytes are dropped.
+  Result<Stream*> admit_data(FrameType type, StreamId id, uint32_t length);
+  Status handle_data_ref(StreamId id, std::span<const std::byte> payload);
+  void handle_release(std::span<const std::byte> payload);
+  uint32_t lend(Slice bytes);
+  void queue_releases();
   bool queue_pending(StreamId id, PendingBytes bytes, size_t n);
   Stream* find(StreamId id) const;
   Stream* find_uncached(StreamId id) const;
@@ -257,6 +275,13 @@ class Mux {
   size_t out_consumed_ = 0;    // bytes of out_.front() already written
   uint64_t buffered_ = 0;      // bytes queued on streams, not yet moved to out_
   MuxCounters counters_;
+
+  // Shared memory: on when both HELLOs named the same region.
+  bool shared_active_ = false;
+  uint32_t shared_generation_ = 0;    // this connection's loans, among the region's borrowed buffers
+  std::vector<Slice> lent_;           // by loan: bytes the peer reads in place until it returns them
+  std::vector<uint32_t> free_loans_;  // unused entries of lent_
+  std::vector<uint32_t> returning_;   // loans the peer lent us that we are done with
 };
 
 }  // namespace vbridge

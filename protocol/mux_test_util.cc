@@ -27,6 +27,7 @@ void RecordingHandler::on_open(StreamId id, const wire::Target& target) {
 void RecordingHandler::on_data(StreamId id, Slice data) {
   events.push_back({"data", id, std::string(reinterpret_cast<const char*>(data.data()), data.size())});
   if (auto_consume) mux->consume(id, data.size());
+  if (keep != nullptr) keep->push_back(std::move(data));
 }
 
 Slice to_slice(BufferPool& pool, std::string_view bytes) {

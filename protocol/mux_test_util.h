@@ -22,6 +22,7 @@ class RecordingHandler : public MuxHandler {
   std::vector<Event> events;
   bool auto_accept = true;
   bool auto_consume = true;
+  std::vector<Slice>* keep = nullptr;  // when set, received Slices are kept here instead of dropped
   std::string data_of(StreamId id) const;
   size_t count(const std::string& kind) const;
 

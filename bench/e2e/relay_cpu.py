@@ -8,6 +8,7 @@ process's user+system CPU time (/proc/PID/stat, children included) before and af
 
     vbridge          both agents, default data path (reads into pool buffers, gather writes)
     vbridge-splice   both agents with --splice (bulk bytes move socket → pipe → transport by splice(2))
+    vbridge-shm      both agents with --shm-file on tmpfs (bytes read into shared memory, DATA_REF frames)
     socat2           two socat relays with 256 KiB buffers (one forked child per connection)
 
     python3 bench/e2e/relay_cpu.py --build-dir build [--direction forward|reverse] [--seconds 3]
@@ -141,14 +142,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vbridge-relay-cpu-") as tmp:
         bench = Bench(Path(args.build_dir).resolve(), Path(tmp))
         try:
+            shm = f"/dev/shm/vbridge-relay-cpu-{os.getpid()}.shm"
             paths = {"vbridge": bench.vbridge("vbridge", []), "vbridge-splice": bench.vbridge("splice", ["--splice"]),
-                     "socat2": bench.socat2()}
+                     "vbridge-shm": bench.vbridge("shm", ["--shm-file", shm]), "socat2": bench.socat2()}
             rows: dict[str, list[dict]] = {name: [] for name in paths}
             for _ in range(args.repeat):
                 for name, (address, relays) in paths.items():
                     rows[name].append(bench.measure(address, relays, args.direction, args.seconds))
         finally:
             bench.close()
+            Path(shm).unlink(missing_ok=True)
     scheduling = "SCHED_FIFO" if os.sched_getscheduler(0) == os.SCHED_FIFO else "normal scheduling"
     print(f"{args.direction}, 1 stream, {args.seconds:g} s x {args.repeat}, {scheduling}; "
           "CPU seconds per GB moved (lower is better)")

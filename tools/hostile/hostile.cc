@@ -288,6 +288,10 @@ class Conn {
         }
         return;
       }
+      case FrameType::kDataRef:
+      case FrameType::kRelease:
+        mark_closed("the agent sent a shared-memory frame though this end announced no shared memory");
+        return;
       case FrameType::kControl: {
         flatbuffers::Verifier v(reinterpret_cast<const uint8_t*>(payload.data()), payload.size());
         if (!wire::VerifyControlBuffer(v)) return;
