@@ -207,6 +207,7 @@ class Env:
         self._ssh: SshServer | None = None
         self.ready = None     # addr -> bool: a path is up once this holds (default: a loadgen connect test)
         self.docker = False   # the server is a Docker API socket (vbridge then serves its own docker.sock)
+        self.vbridge_shm = True  # the agents share memory (--shm-file), as `vbridge up` sets them up
 
     def start_server(self) -> None:
         sock = self.tmp / SERVER_SOCK
@@ -537,10 +538,15 @@ class VbridgePath(Path):
                  "--token-file", str(token), "--allow-unix", server_unix, "--allow-ports"]
         if self.env.docker:
             guest += ["--docker-socket", server_unix]
+        shm: list[str] = []
+        if self.env.vbridge_shm:
+            self.shm_file = FsPath(f"/dev/shm/vbridge-e2e-{os.getpid()}-{self.family}.shm")
+            shm = ["--shm-file", str(self.shm_file)]
+        guest += shm
         self._spawn(guest, f"vbridge-guest-{self.family}.log")
         wait_until(lambda: transport.exists(), 10, "vbridge-guest to listen")
         host = [str(self._find("vbridge-host")), "--transport", f"unix:{transport}", "--runtime-dir", str(tmp / "rt"),
-                "--no-docker", "--no-follow-ports", "--log-level", "warn", "--token-file", str(token)]
+                "--no-docker", "--no-follow-ports", "--log-level", "warn", "--token-file", str(token), *shm]
         if self.env.docker:
             # The bridged docker.sock itself, as the docker CLI on the host uses it.
             client = tmp / "docker.sock"
@@ -556,6 +562,11 @@ class VbridgePath(Path):
             self.client_addr = f"tcp:127.0.0.1:{port}"
         self._spawn(host, f"vbridge-host-{self.family}.log")
         self._wait_ready()
+
+    def stop(self) -> None:
+        super().stop()
+        if getattr(self, "shm_file", None) is not None:
+            self.shm_file.unlink(missing_ok=True)
 
 
 PATH_TYPES: list[type[Path]] = [DirectPath, Socat2Path, SshLPath, VbridgePath]

@@ -577,6 +577,8 @@ def main() -> int:
                     + ", ".join(c.name for c in PATH_TYPES) + " (direct always runs)")
     ap.add_argument("--families", default="unix,tcp", help="stream benchmarks over unix, tcp or both (default)")
     ap.add_argument("--repeat", type=int, help="rounds (default: 1 with --quick, 3 otherwise)")
+    ap.add_argument("--no-shm", action="store_true",
+                    help="run the vbridge agents without shared memory (every byte copied through the transport)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, sshd config)")
     ap.add_argument("--from-json", metavar="FILE", help="run nothing: print the tables (and write --plot, --markdown) "
                     "from an earlier --json FILE")
@@ -615,10 +617,12 @@ def main() -> int:
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     info = machine()
     info["loadavg_start"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    info["vbridge_data_path"] = "copy" if args.no_shm else "shared memory"
     t0 = time.monotonic()
     skips = {s: skip_reason(s, args) for s in SECTIONS}
     progress = Progress(planned_steps(args, profile, sections, skips))
     env = Env(loadgen, args.build_dir, keep_tmp=args.keep_tmp)
+    env.vbridge_shm = not args.no_shm
     doc: dict = {"version": 2, "mode": mode, "started": started, "build_dir": args.build_dir,
                  "profile": dataclasses.asdict(profile), "sections": sections,
                  "metrics": {m.key: {"label": m.label, "unit": m.unit} for m in METRICS}, "paths": []}
@@ -666,7 +670,8 @@ def report(doc: dict, args) -> int:
     """Prints the tables, the other sections and the targets; writes --json, --plot and --markdown.
     Returns 1 if any run failed."""
     info, mode = doc["machine"], doc["mode"]
-    print(f"vbridge bench ({mode}): {info['cpus']} cpus, Linux {info['kernel']}, {info['ssh']}, {info['socat']}; "
+    print(f"vbridge bench ({mode}, vbridge data path: {info.get('vbridge_data_path', 'copy')}): "
+          f"{info['cpus']} cpus, Linux {info['kernel']}, {info['ssh']}, {info['socat']}; "
           f"load average {info['loadavg_start']} at the start, {info.get('loadavg_end', '?')} at the end")
     print(f"median of {doc['profile']['repeat']} round(s); ratio = path / direct: higher is better for MB/s and "
           "connections/s, lower for latencies (us)\n")
