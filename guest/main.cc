@@ -177,23 +177,18 @@ int main(int argc, char** argv) {
   config.buffer_rings = !no_buffer_ring;
   config.splice = splice;
   config.buffer_size = buffer_kib * 1024;
+  // Without its shared memory the bridge still works, copying every byte: a warning, not a stop.
   if (!shm_file.empty()) {
-    std::string path = shm_file;
-    if (path == "pci") {
-      path = SharedMemory::find_ivshmem_bar();
-      if (path.empty()) {
-        log::error(
-            "--shm-file pci: no ivshmem PCI device (1af4:1110) in /sys/bus/pci/devices; start the VM "
-            "with one, or drop --shm-file");
-        return 2;
-      }
+    const std::string path = shm_file == "pci" ? SharedMemory::find_ivshmem_bar() : shm_file;
+    if (path.empty()) {
+      log::warn(
+          "--shm-file pci: no ivshmem PCI device (1af4:1110) in /sys/bus/pci/devices; continuing without "
+          "shared memory");
+    } else if (auto shared = SharedMemory::attach(path); !shared) {
+      log::warn("{}; continuing without shared memory", shared.error().message);
+    } else {
+      config.shared = std::move(*shared);
     }
-    auto shared = SharedMemory::attach(path);
-    if (!shared) {
-      log::error("{}", shared.error().message);
-      return 2;
-    }
-    config.shared = std::move(*shared);
   }
 
   auto agent = guest::Agent::create(std::move(config));

@@ -206,9 +206,15 @@ std::string shared_memory_note(const SharedMemory* local, const Hello& peer, boo
                                      "stream bytes are copied through the transport"
                                    : "";
   }
+  if (local->nonce() == 0) {
+    return fmt::format(
+        "shared memory {} is unused: no host agent has set it up (give vbridge-host the same "
+        "--shm-file); stream bytes are copied through the transport",
+        local->path());
+  }
   if (peer.shared_region == 0) {
     return fmt::format(
-        "shared memory {} is unused: the peer agent has none (start it with --shm-file); "
+        "shared memory {} is unused: the peer agent announced none (check its --shm-file and its log); "
         "stream bytes are copied through the transport",
         local->path());
   }

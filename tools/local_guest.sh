@@ -2,13 +2,15 @@
 # A "guest" without a VM, for machines where no VM is wanted: dockerd and vbridge-guest in their own network
 # and mount namespaces (run under `unshare --net --mount --propagation private --fork`), so the guest's
 # ports and mounts are invisible to the host until vbridge forwards them.
-#   local_guest.sh STATE_DIR VBRIDGE_GUEST_BINARY [TOKEN_FILE]
+#   local_guest.sh STATE_DIR VBRIDGE_GUEST_BINARY [TOKEN_FILE [SHM_FILE]]
 # The guest agent requires the host agent to present TOKEN_FILE's token (default STATE_DIR/token, created
-# with mode 0600 when missing); pass the same file to vbridge-host --token-file.
+# with mode 0600 when missing); pass the same file to vbridge-host --token-file. With SHM_FILE (on tmpfs)
+# the guest agent shares memory with a vbridge-host given the same --shm-file.
 set -euo pipefail
 state="$1"
 guest_bin="$2"
 token="${3:-$state/token}"
+shm="${4:-}"
 if [ ! -s "$token" ]; then
   (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$token")
 fi
@@ -46,6 +48,7 @@ dockerd --iptables=false --ip6tables=false --ip-forward=false --ip-masq=false --
   --exec-root "$state/docker/exec" --pidfile "$state/docker/docker.pid" --config-file "$state/docker/daemon.json" \
   --containerd "$state/ctd/containerd.sock" --shutdown-timeout 2 > "$state/dockerd.log" 2>&1 &
 children+=($!)
-"$guest_bin" --listen "unix:$state/guest.sock" --token-file "$token" --docker-socket "$state/docker/docker.sock" > "$state/guest.log" 2>&1 &
+"$guest_bin" --listen "unix:$state/guest.sock" --token-file "$token" --docker-socket "$state/docker/docker.sock" \
+  ${shm:+--shm-file "$shm"} > "$state/guest.log" 2>&1 &
 children+=($!)
 wait -n

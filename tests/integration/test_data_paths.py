@@ -1,6 +1,7 @@
-"""Bytes arrive whole and in order on both data paths of the agents: through memory (the default: reads into
-pool buffers, gather writes) and through pipes (--splice: bulk transfers move by splice(2), switching back
-to memory for small pieces and whenever a pipe is full). Several streams run at once with writes of mixed
+"""Bytes arrive whole and in order on every data path of the agents: through memory (the default: reads into
+pool buffers, gather writes), through pipes (--splice: bulk transfers move by splice(2), switching back
+to memory for small pieces and whenever a pipe is full), and through shared memory (--shm-file: bytes read
+into a region both agents map travel as references, and as copies whenever the region is full). Several streams run at once with writes of mixed
 sizes, so the two kinds of bytes interleave inside one stream and frames of several streams interleave on
 the transport; every byte is checked with SHA-256 both ways.
 """
@@ -8,13 +9,14 @@ the transport; every byte is checked with SHA-256 both ways.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import socket
 import sys
 import threading
 
 from agents import GuestAgent, HostAgent
-from fixtures import FixtureTestCase, Process
+from fixtures import FixtureTestCase, Process, wait_for
 
 # Per connection: a line "SIZE SEED", then the client's bytes until EOF. Answers the SHA-256 of what came as
 # a line, then SIZE bytes of a stream seeded with SEED, written in pieces of mixed sizes, then closes.
@@ -84,14 +86,15 @@ def exchange(path: str, seed: int) -> tuple[str, str, str, str]:
 
 
 class DataPathTest(FixtureTestCase):
-    def run_streams(self, agent_flags: list[str]) -> tuple[GuestAgent, HostAgent]:
+    def run_streams(self, agent_flags: list[str], host_flags: list[str] | None = None) -> tuple[GuestAgent, HostAgent]:
         server_path = self.workdir.join("check.sock")
         server = Process(self.workdir, "check-server", [sys.executable, "-c", CHECK_SERVER, server_path])
         server.wait_for_output("ready")
         guest = GuestAgent(self.workdir, extra=["--allow-unix", server_path, *agent_flags]).start()
         client_path = self.workdir.join("client.sock")
         host = HostAgent(self.workdir, "unix:" + guest.listen_path,
-                         extra=["--no-docker", "--forward-unix", f"{client_path}={server_path}", *agent_flags]).start()
+                         extra=["--no-docker", "--forward-unix", f"{client_path}={server_path}",
+                                *(agent_flags if host_flags is None else host_flags)]).start()
         results: dict[int, tuple[str, str, str, str] | BaseException] = {}
 
         def run(seed: int) -> None:
@@ -117,6 +120,21 @@ class DataPathTest(FixtureTestCase):
         host.process.check_alive("after the transfers")
         return guest, host
 
+    def shm_path(self, name: str, size: int = 0) -> str:
+        path = f"/dev/shm/vbridge-test-{os.getpid()}-{name}.shm"
+        self.addCleanup(lambda: os.path.exists(path) and os.unlink(path))
+        if size:
+            with open(path, "wb") as f:
+                f.truncate(size)
+        return path
+
+    def shared_status(self, host: HostAgent) -> dict:
+        shm = host.status()["shared_memory"]
+        # Every loan comes back once the bytes are written out, both ways.
+        wait_for(lambda: host.status()["shared_memory"]["loans_outstanding"] == 0 and
+                 host.status()["shared_memory"]["borrowed_bytes"] == 0, 10, "every shared-memory loan to return")
+        return shm
+
     def test_memory_path_keeps_every_byte(self) -> None:
         guest, host = self.run_streams([])
         self.assertNotIn("moving bytes by splice", guest.process.logs() + host.process.logs())
@@ -126,6 +144,36 @@ class DataPathTest(FixtureTestCase):
         # Both directions really took the pipe path.
         self.assertIn("moving bytes by splice", host.process.logs())
         self.assertIn("moving bytes by splice", guest.process.logs())
+
+    def test_shared_memory_path_keeps_every_byte(self) -> None:
+        guest, host = self.run_streams(["--shm-file", self.shm_path("ref")])
+        shm = self.shared_status(host)
+        self.assertTrue(shm["active"], shm)
+        # Nearly all bulk bytes went by reference, both ways (small reads may land in a block's short tail).
+        self.assertGreater(shm["bytes_out_by_ref"], STREAMS * STREAM_BYTES // 2, shm)
+        self.assertGreater(shm["bytes_in_by_ref"], STREAMS * STREAM_BYTES // 2, shm)
+        self.assertIn("travel by reference through shared memory", host.process.logs())
+        self.assertIn("travel by reference through shared memory", guest.process.logs())
+
+    def test_full_shared_memory_mixes_references_and_copies(self) -> None:
+        # 4 MiB: one 1 MiB block for the host, eight 256 KiB blocks for the guest's 32 read buffers.
+        path = self.shm_path("small", 4 << 20)
+        guest, host = self.run_streams(["--shm-file", path], host_flags=["--shm-file", path, "--shm-size-mib", "4"])
+        shm = self.shared_status(host)
+        self.assertTrue(shm["active"], shm)
+        self.assertGreater(shm["misses"], 0, shm)
+        self.assertGreater(shm["bytes_out_by_ref"], 0, shm)
+        self.assertLess(shm["bytes_out_by_ref"], STREAMS * STREAM_BYTES, shm)
+
+    def test_different_regions_fall_back_to_copying(self) -> None:
+        guest_file, host_file = self.shm_path("guest-side"), self.shm_path("host-side")
+        guest, host = self.run_streams(["--shm-file", guest_file], host_flags=["--shm-file", host_file])
+        shm = host.status()["shared_memory"]
+        self.assertFalse(shm["active"], shm)
+        self.assertEqual(shm["bytes_out_by_ref"], 0, shm)
+        # The guest made its file itself and no host agent set it up; the host hears of no region.
+        self.assertIn("no host agent has set it up", guest.process.logs())
+        self.assertIn("is unused: the peer agent announced none", host.process.logs())
 
 
 if __name__ == "__main__":

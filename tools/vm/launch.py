@@ -50,6 +50,7 @@ from vmcommon import (MiB, Progress, VmError, check_free_space, file_lock, main_
 QEMU = "qemu-system-x86_64"
 QEMU_PACKAGE = "qemu-system-x86"
 SERIAL_PORT_NAME = "vbridge.0"
+SHM_BYTES = 128 * MiB  # ivshmem wants a power of two; vbridge-host --shm-size-mib must match
 DEFAULT_VSOCK_PORT = 1024
 SUN_PATH_MAX = 107
 PROBE_TIMEOUT = 20.0
@@ -296,6 +297,7 @@ class LaunchConfig:
     storage_driver: str = "overlay2"
     kernel_args: list[str] = field(default_factory=list)
     agent_args: list[str] = field(default_factory=list)
+    shm_file: Optional[str] = None   # a tmpfs file shared with the host agent, as an ivshmem device
     timeout: float = 180.0
     runtime_dir: Optional[str] = None
     qemu: Optional[str] = None
@@ -318,10 +320,11 @@ def qemu_command(qemu: str, inst: Instance, image_dir: Path, cfg: LaunchConfig, 
                f"vbridge.docker_timeout={int(max(cfg.timeout - 10, 30))}"]
     if shares:
         append.append("vbridge.share=" + ",".join(f"{s.tag}:{s.guest}" for s in shares))
-    if cfg.agent_args:
-        if any("," in a or " " in a for a in cfg.agent_args):
+    agent_args = [*cfg.agent_args, *(["--shm-file=pci"] if cfg.shm_file else [])]
+    if agent_args:
+        if any("," in a or " " in a for a in agent_args):
             raise VmError("--agent-arg values cannot contain ',' or spaces (they travel on the kernel command line)")
-        append.append("vbridge.agent_args=" + ",".join(cfg.agent_args))
+        append.append("vbridge.agent_args=" + ",".join(agent_args))
     append += cfg.kernel_args
     cmdline = " ".join(append)
     argv = [qemu, "-name", f"vbridge-{inst.name}", "-accel", accel_arg, "-cpu", cpu,
@@ -338,6 +341,10 @@ def qemu_command(qemu: str, inst: Instance, image_dir: Path, cfg: LaunchConfig, 
             "-pidfile", str(inst.pidfile)]
     if channel == "vsock":
         argv += ["-device", f"vhost-vsock-pci,guest-cid={cfg.vsock_cid}"]
+    if cfg.shm_file:
+        # The host agent's --shm-file, as PCI BAR 2 of an ivshmem device; the guest agent maps that BAR.
+        argv += ["-object", f"memory-backend-file,id=vbshm,mem-path={cfg.shm_file},size={SHM_BYTES},share=on",
+                 "-device", "ivshmem-plain,memdev=vbshm"]
     for s in shares:
         argv += ["-virtfs", f"local,path={s.host},mount_tag={s.tag},security_model=none,multidevs=remap,id={s.tag}"]
     return argv, cmdline
@@ -679,6 +686,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     s.add_argument("--storage-driver", default="overlay2", choices=["overlay2", "vfs"])
     s.add_argument("--agent-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for the guest agent, e.g. --agent-arg=--log-level=debug (repeatable)")
+    s.add_argument("--shm-file", help="a tmpfs file (vbridge-host --shm-file) the guest agent maps through an "
+                   "ivshmem device, for stream bytes passed by reference")
     s.add_argument("--kernel-arg", action="append", default=[], metavar="ARG", help="extra kernel argument")
     s.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the guest (default %(default)s)")
     s.add_argument("--qemu", help=f"QEMU binary (default {QEMU} on PATH)")
@@ -715,6 +724,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 cpus=args.cpus, accel=args.accel, cpu=args.cpu, channel=args.channel, vsock_cid=args.vsock_cid,
                 vsock_port=args.vsock_port, shares=args.share, agent_socket=args.agent_socket,
                 storage_driver=args.storage_driver, kernel_args=args.kernel_arg, agent_args=args.agent_arg,
+                shm_file=args.shm_file,
                 timeout=args.timeout, runtime_dir=args.runtime_dir, qemu=args.qemu,
                 quiet_kernel=not args.verbose_kernel, keep_on_failure=args.keep_on_failure)
             state = start(cfg, progress)

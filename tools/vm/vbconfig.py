@@ -158,6 +158,8 @@ KEYS: tuple[Key, ...] = (
         check=_check_port_map),
     Key("forwards", "list", [], "unix socket forwards HOST_PATH=GUEST_TARGET", check=_check_forward),
     Key("follow_ports", "bool", True, "forward the ports the guest listens on"),
+    Key("shared_memory", "bool", True, "the agents share a 128 MiB tmpfs file (mode vm: behind an ivshmem "
+        "device) and pass stream bytes by reference instead of copying them through the channel"),
     Key("bind_address", "str", "127.0.0.1", "IPv4 address followed ports bind on", check=_check_ip(4)),
     Key("bind_address6", "str", "::1", "IPv6 address followed ports bind on", check=_check_ip(6)),
     Key("docker_socket", "str", None, "host path of the bridged docker.sock (default <runtime>/<instance>/host/"
