@@ -53,6 +53,7 @@ CONNECTION_CASES = {
     "control-over-max-size": "length 67108864: larger than the control message limit",
     "truncated-header-then-close": None,  # the tool hangs up; "host closed the connection" at info
     "data-on-unknown-stream": "DATA frame on stream 1001 with length 8: stream was never opened",
+    "data-ref-without-shared-memory": "with length 12: no shared memory was agreed in HELLO",
     "data-beyond-window": re.compile(r"host connection failed: flow-control violation: stream \d+ sent \d+ bytes "
                                      r"with only \d+ bytes of credit"),
     "window-update-overflow": "host connection failed: flow-control violation: stream 1 credit overflow",
@@ -149,6 +150,7 @@ HOST_CONNECTION_CASES = {
     "second-hello": "HELLO was already received",
     "data-over-max-frame": "length 2147483647: larger than the announced max frame size",
     "data-on-unknown-stream": "DATA frame on stream 1000 with length 8: stream was never opened",
+    "data-ref-without-shared-memory": "with length 12: no shared memory was agreed in HELLO",
     "data-beyond-window": re.compile(r"flow-control violation: stream \d+ sent \d+ bytes with only \d+ bytes"),
     "window-update-overflow": re.compile(r"flow-control violation: stream \d+ credit overflow"),
     "window-update-zero": "protocol error: WINDOW_UPDATE of 0 bytes",

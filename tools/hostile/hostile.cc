@@ -662,6 +662,10 @@ std::vector<Case> cases() {
                    t.conn().send(frame(FrameType::kData, 1001, "who am I"));
                    return std::string();
                  }});
+  all.push_back({"data-ref-without-shared-memory", Expect::kDropped, [](Tester& t, std::string*) {
+                   t.conn().send(frame(FrameType::kDataRef, kGood, std::string(kDataRefPayloadSize, '\0')));
+                   return std::string();
+                 }});
   all.push_back({"data-beyond-window", Expect::kDropped,
                  [](Tester& t, std::string*) {
                    const StreamId id = t.new_id();
@@ -770,6 +774,9 @@ std::vector<Case> guest_cases() {
                  on_good([](StreamId id) { return frame(FrameType::kData, id, "", 0x7fffffff); })});
   all.push_back({"data-on-unknown-stream", Expect::kDropped,
                  on_good([](StreamId) { return frame(FrameType::kData, 1000, "who am I"); })});
+  all.push_back({"data-ref-without-shared-memory", Expect::kDropped, on_good([](StreamId id) {
+                   return frame(FrameType::kDataRef, id, std::string(kDataRefPayloadSize, '\0'));
+                 })});
   all.push_back({"data-beyond-window", Expect::kDropped, [](Tester& t, std::string*) {
                    t.stop_reading_client();
                    const uint32_t window = t.conn().peer()->initial_window;
