@@ -298,6 +298,7 @@ class VbridgeUpStatusDown(unittest.TestCase):
         self.assertTrue(no_qemu_of(folder), "QEMU still running")
         self.assertEqual(sockets_under(self.runtime), [])
         self.assertFalse((folder / "pids.json").exists())
+        self.assertFalse(Path(f"/dev/shm/vbridge-{os.getuid()}-{instance}.shm").exists(), "shared memory left")
 
     def test_guest_that_never_answers(self) -> None:
         self.addCleanup(self.vbridge, "down", "--instance", "mute")
@@ -339,10 +340,15 @@ class VbridgeUpStatusDown(unittest.TestCase):
         self.assertEqual(doc["bridge"]["transport"], f"unix:{self.runtime / 'cli' / 'agent.sock'}")
         self.assertGreater(doc["bridge"]["mux"]["bytes_out"], 0)
         self.assertEqual(doc["bridge"]["file_events"]["shares"], 1)
+        # Stream bytes crossed the VM boundary by reference, through the ivshmem device.
+        shm = doc["bridge"]["shared_memory"]
+        self.assertTrue(shm["active"], shm)
+        self.assertGreater(shm["bytes_out_by_ref"], 0, shm)
         r = self.vbridge("status", "--instance", "cli")
         self.assertEqual(r.returncode, 0)
         self.assertRegex(r.stdout, rf"vm\s+ready, pid {vm['pid']}, (kvm|tcg), 1 vCPU, 1024 MiB")
         self.assertRegex(r.stdout, r"transport\s+unix:\S+agent.sock \(virtio-serial\), connected")
+        self.assertRegex(r.stdout, r"shared memory\s+on, /dev/shm/vbridge-\d+-cli.shm")
         pids = [vm["pid"], doc["host_agent"]["pid"]]
         r = self.vbridge("down", "--instance", "cli")
         self.assertEqual((r.returncode, r.stdout.strip()), (0, "vbridge: instance cli is down"))
