@@ -36,6 +36,12 @@ std::string GuestCounters::to_string() const {
 //   host → guest: out (DATA waiting), writing (a SENDMSG in flight), fin_from_host → shutting → shut_wr
 // A datagram conn (UDP flow) uses `reading` for its readiness poll; host datagrams are sent at once, so
 // `out` stays empty, and a FIN either way ends the flow.
+namespace {
+constexpr size_t kSmallIo = 16 * 1024;
+constexpr size_t kBulkIo = 64 * 1024;
+constexpr auto kInteractiveHold = std::chrono::milliseconds(100);
+}  // namespace
+
 struct Session::Conn {
   enum class Phase : uint8_t {
     kDialing,  // CONNECT in flight; host data waits in `out`
@@ -63,6 +69,9 @@ struct Session::Conn {
   // in flight is then a readiness poll.
   std::shared_ptr<Pipe> pipe;
   bool read_polls = false;
+
+  bool last_read_full = false;  // the previous read filled its buffer
+  bool bulk = false;            // has carried a bulk transfer: its small pieces do not count as interactive
 
   WriteQueue out;
   bool writing = false;
@@ -609,6 +618,9 @@ void Session::on_conn_read(Conn& c, const io_uring_cqe& cqe) {
   if (cqe.res > 0) {
     env_.counters.bytes_from_guest += bytes.size();
     const size_t n = bytes.size();
+    c.last_read_full = n >= env_.conn_buffers.block_size();
+    c.bulk = c.bulk || c.last_read_full;
+    if (!c.bulk) note_io(n);
     if (!mux_.send(c.id, std::move(bytes))) {
       fail_conn(c, "stream no longer accepts data");
       return;
@@ -730,6 +742,7 @@ void Session::on_conn_write(Conn& c, int res) {
   if (c.phase == Conn::Phase::kClosing) return;
   if (res > 0) {
     const auto n = static_cast<size_t>(res);
+    if (!c.bulk) note_io(c.out.bytes());
     c.out.consume(n);
     env_.counters.bytes_to_guest += n;
     mux_.consume(c.id, n);  // the host may send as much again
@@ -791,6 +804,7 @@ void Session::arm_conn_read(Conn& c, size_t capacity) {
   io_uring_sqe* sqe = conn_sqe(c, Op::kConnRead);
   io_uring_prep_recv(sqe, c.fd, nullptr, 0, 0);
   env_.conn_buffers.attach(sqe, len, c.read_hold);
+  if (c.last_read_full && offload_bulk()) sqe->flags |= IOSQE_ASYNC;
   c.reading = true;
 }
 
@@ -807,7 +821,19 @@ void Session::arm_conn_write(Conn& c) {
   c.msg.msg_iovlen = n;
   io_uring_sqe* sqe = conn_sqe(c, Op::kConnWrite);
   io_uring_prep_sendmsg(sqe, c.fd, &c.msg, MSG_NOSIGNAL);
+  if (c.out.bytes() >= kBulkIo) {
+    c.bulk = true;
+    if (offload_bulk()) sqe->flags |= IOSQE_ASYNC;
+  }
   c.writing = true;
+}
+
+// A small read or write means someone waits for an answer: for the next 100 ms bulk socket operations run
+// in io_uring's worker threads instead of this loop. Inline they are cheaper (one copy, no hand-off), which
+// is why a bulk transfer on its own keeps them; but each one holds the loop for up to a buffer's copy, and a
+// loop that is always busy is scheduled late, so a round trip beside a bulk stream waits for both.
+void Session::note_io(size_t queued_or_read) {
+  if (queued_or_read < kSmallIo) interactive_until_ = std::chrono::steady_clock::now() + kInteractiveHold;
 }
 
 void Session::arm_conn_shutdown(Conn& c) {

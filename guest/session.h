@@ -28,6 +28,7 @@
 
 #include <array>
 #include <cstdint>
+#include <chrono>
 #include <memory>
 #include <set>
 #include <string>
@@ -193,6 +194,8 @@ class Session final : public MuxHandler {
   // Detaches from the stream and closes the guest socket once its operations are cancelled.
   void kill(Conn& c);
   void release(Conn& c);
+  void note_io(size_t queued_or_read);
+  bool offload_bulk() const { return std::chrono::steady_clock::now() < interactive_until_; }
 
   static MuxConfig mux_config_for(MuxConfig config, TransportKind kind);
 
@@ -205,6 +208,10 @@ class Session final : public MuxHandler {
   Mux mux_;
   bool closing_ = false;
   uint32_t inflight_ = 0;  // operations submitted and not completed (cancels excluded)
+
+  // Until then a small exchange was seen lately: bulk socket operations go to io_uring's worker threads
+  // (IOSQE_ASYNC), so this loop stays free to answer the small exchange at once (see note_io).
+  std::chrono::steady_clock::time_point interactive_until_{};
 
   bool reading_ = false;  // a transport read (multishot or single) is armed
   bool multishot_armed_ = false;

@@ -561,6 +561,9 @@ class VbridgePath(Path):
             host += ["--publish", f"127.0.0.1:{port}:{self.env.server_port()}"]
             self.client_addr = f"tcp:127.0.0.1:{port}"
         self._spawn(host, f"vbridge-host-{self.family}.log")
+        if os.environ.get("VB_NICE"):
+            for p in self._procs:
+                os.setpriority(os.PRIO_PROCESS, p.pid, int(os.environ["VB_NICE"]))
         self._wait_ready()
 
     def stop(self) -> None:
