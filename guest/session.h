@@ -27,8 +27,8 @@
 #include <sys/socket.h>
 
 #include <array>
-#include <cstdint>
 #include <chrono>
+#include <cstdint>
 #include <memory>
 #include <set>
 #include <string>

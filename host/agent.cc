@@ -39,6 +39,7 @@ Agent::~Agent() {
 }
 
 Status Agent::start() {
+  bulk_reader_ = std::make_unique<BulkReader>(loop_);
   for (const UnixForward& forward : config_.unix_forwards) {
     Address address{Address::Kind::kUnix, forward.host_path};
     BridgeOptions options;
@@ -107,6 +108,7 @@ void Agent::stop() {
   uv_close(reinterpret_cast<uv_handle_t*>(&dial_timer_), nullptr);
   uv_close(reinterpret_cast<uv_handle_t*>(&tick_timer_), nullptr);
   if (config_.shared) config_.shared->on_returned = nullptr;
+  if (bulk_reader_) bulk_reader_->close();
   uv_idle_stop(&returns_flush_);
   uv_close(reinterpret_cast<uv_handle_t*>(&returns_flush_), nullptr);
   uv_idle_start(&reaper_, [](uv_idle_t* h) { static_cast<Agent*>(h->data)->reap(); });
@@ -211,6 +213,7 @@ void Agent::accept_client(UniqueFd client, BridgeOptions options) {
   options.splice = config_.splice;
   auto bridge =
       std::make_unique<SocketBridge>(loop_, std::move(client), client_arena_, *this, std::move(options));
+  bridge->offload_to(bulk_reader_.get(), &interactive_);
   SocketBridge* raw = bridge.get();
   bridges_.emplace(raw, std::move(bridge));
   if (ready_ && session_) {

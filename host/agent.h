@@ -12,6 +12,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "host/bulk_reader.h"
 #include "host/exposed_unix.h"
 #include "host/file_watch/watcher.h"
 #include "host/listener.h"
@@ -110,6 +111,10 @@ class Agent final : public SessionObserver, public BridgeOwner {
   // that hold them.
   BufferPool compact_pool_;
   ReadArena compact_arena_;
+  // Bulk client reads run on its worker while a small exchange is active (see BulkReader); declared after
+  // the pools its reads fill and before the bridges that use it.
+  InteractiveClock interactive_;
+  std::unique_ptr<BulkReader> bulk_reader_;
   std::unique_ptr<Session> session_;
   std::vector<std::unique_ptr<Session>> dead_sessions_;  // destroyed outside their own callbacks
   bool ready_ = false;

@@ -14,6 +14,8 @@ namespace vbridge {
 
 // One read moves at most this much, so a bulk client's wakeup stays short beside interactive ones.
 constexpr size_t kMaxReadPerWakeup = 256 * 1024;
+// A read that fills a buffer at least this large marks the stream as a bulk transfer.
+constexpr size_t kBulkRead = 64 * 1024;
 
 SocketBridge::SocketBridge(uv_loop_t* loop, UniqueFd client, ReadArena& arena, BridgeOwner& owner,
                            BridgeOptions options)
@@ -23,6 +25,7 @@ SocketBridge::SocketBridge(uv_loop_t* loop, UniqueFd client, ReadArena& arena, B
       poller_(loop, std::move(client), [this](int status, int events) { on_poll(status, events); }) {}
 
 SocketBridge::~SocketBridge() {
+  if (offloaded_read_ != 0) bulk_reader_->forget(offloaded_read_);
   if (session_ != nullptr && stream_live_) session_->detach(id_);
 }
 
@@ -122,11 +125,13 @@ void SocketBridge::read_client() {
     }
     return;
   }
-  if (!stream_live_ || client_eof_) return;
+  if (!stream_live_ || client_eof_ || offloaded_read_ != 0) return;
   Mux& mux = session_->mux();
   for (int i = 0; i < 4; ++i) {
     const size_t capacity = mux.send_capacity(id_);
     if (capacity == 0) break;
+    if (bulk_ && pipe_ == nullptr && bulk_reader_ != nullptr && clock_->active() && offload_read(capacity))
+      break;
     const ReadOutcome r = pipe_ != nullptr ? splice_client(capacity) : copy_client(capacity);
     if (r == ReadOutcome::kFailed) return;
     if (r == ReadOutcome::kEof) {
@@ -152,6 +157,8 @@ SocketBridge::ReadOutcome SocketBridge::copy_client(size_t capacity) {
     return ReadOutcome::kFailed;
   }
   if (n == 0) return ReadOutcome::kEof;
+  bulk_ = bulk_ || (static_cast<size_t>(n) == want && want >= kBulkRead);
+  if (!bulk_ && clock_ != nullptr) clock_->note(static_cast<size_t>(n));
   session_->mux().send(id_, arena_.commit(static_cast<size_t>(n)));
   if (pipe_ == nullptr && options_.splice && static_cast<size_t>(n) >= kSpliceAfterRead) {
     if (auto pipe = Pipe::create(kPipeBytes)) {
@@ -162,6 +169,37 @@ SocketBridge::ReadOutcome SocketBridge::copy_client(size_t capacity) {
     }
   }
   return static_cast<size_t>(n) < want ? ReadOutcome::kDrained : ReadOutcome::kMore;
+}
+
+bool SocketBridge::offload_read(size_t capacity) {
+  std::span<std::byte> space = arena_.writable();
+  const size_t want = std::min({capacity, space.size(), kMaxReadPerWakeup});
+  // The memory is reserved now; what the read does not fill is dropped with it.
+  offloaded_read_ = bulk_reader_->submit(poller_.fd(), arena_.commit(want), [this](Slice bytes, int error) {
+    on_offloaded_read(std::move(bytes), error);
+  });
+  return offloaded_read_ != 0;
+}
+
+void SocketBridge::on_offloaded_read(Slice bytes, int error) {
+  offloaded_read_ = 0;
+  if (done_ || draining_error_ || !stream_live_ || client_eof_) return;
+  if (error == EAGAIN || error == EINTR) {
+    update_interest();
+    return;
+  }
+  if (error != 0) {
+    abort(fmt::format("client socket read failed: {}", std::strerror(error)));
+    return;
+  }
+  if (bytes.empty()) {
+    client_eof_ = true;
+    session_->mux().shutdown_write(id_);
+  } else {
+    session_->mux().send(id_, std::move(bytes));
+  }
+  session_->flush();
+  if (!done_) update_interest();
 }
 
 // Bulk: the client's bytes go into the stream's pipe by reference and from there to the transport.
@@ -217,6 +255,7 @@ void SocketBridge::write_client() {
       }
     }
   }
+  if (written_total > 0 && !bulk_ && clock_ != nullptr) clock_->note(written_total);
   if (written_total > 0 && stream_live_ && !draining_error_) {
     session_->mux().consume(id_, written_total);
     session_->flush();
@@ -234,8 +273,8 @@ void SocketBridge::write_client() {
 
 void SocketBridge::update_interest() {
   if (done_) return;
-  const bool want_read =
-      draining_error_ || (stream_live_ && !client_eof_ && session_->mux().send_capacity(id_) > 0);
+  const bool want_read = draining_error_ || (stream_live_ && !client_eof_ && offloaded_read_ == 0 &&
+                                             session_->mux().send_capacity(id_) > 0);
   poller_.want(want_read, !to_client_.empty());
 }
 
@@ -261,6 +300,10 @@ void SocketBridge::finish() {
     session_->flush();
   }
   to_client_.clear();
+  if (offloaded_read_ != 0) {
+    bulk_reader_->forget(offloaded_read_);
+    offloaded_read_ = 0;
+  }
   poller_.close([this] { owner_.bridge_done(this); });
 }
 

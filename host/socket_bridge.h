@@ -6,6 +6,7 @@
 #include <deque>
 #include <string>
 
+#include "host/bulk_reader.h"
 #include "host/poller.h"
 #include "host/session.h"
 #include "protocol/pipe.h"
@@ -41,6 +42,11 @@ class SocketBridge final : public StreamSink {
   // Moves bytes waiting for the client out of shared read blocks (see compact_queue); returns how many.
   size_t compact(ReadArena& arena) { return compact_queue(to_client_, 0, arena); }
   StreamId stream_id() const { return id_; }
+  // Bulk reads may go to `reader` while `clock` says a small exchange is active (see BulkReader).
+  void offload_to(BulkReader* reader, InteractiveClock* clock) {
+    bulk_reader_ = reader;
+    clock_ = clock;
+  }
 
   // StreamSink
   void on_open_result(const Error* error) override;
@@ -56,6 +62,9 @@ class SocketBridge final : public StreamSink {
   void read_client();
   ReadOutcome copy_client(size_t capacity);
   ReadOutcome splice_client(size_t capacity);
+  // Hands the next read to the BulkReader; false if it cannot take it (the read then happens here).
+  bool offload_read(size_t capacity);
+  void on_offloaded_read(Slice bytes, int error);
   void write_client();
   void update_interest();
   void abort(const std::string& why);
@@ -75,6 +84,11 @@ class SocketBridge final : public StreamSink {
   bool client_shut_ = false;     // we shut down the client socket's write side
   bool draining_error_ = false;  // an error answer is being written; discard client input
   bool done_ = false;
+
+  BulkReader* bulk_reader_ = nullptr;
+  InteractiveClock* clock_ = nullptr;
+  bool bulk_ = false;            // a read filled its buffer: this stream carries a bulk transfer
+  uint64_t offloaded_read_ = 0;  // the BulkReader's token while a read is there
 };
 
 }  // namespace vbridge
