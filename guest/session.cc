@@ -70,8 +70,8 @@ struct Session::Conn {
   std::shared_ptr<Pipe> pipe;
   bool read_polls = false;
 
-  bool last_read_full = false;  // the previous read filled its buffer
-  bool bulk = false;            // has carried a bulk transfer: its small pieces do not count as interactive
+  bool bulk = false;         // has carried a bulk transfer: its small pieces do not count as interactive
+  bool slow_reader = false;  // the last write took less than it was given: the socket is full
 
   WriteQueue out;
   bool writing = false;
@@ -618,8 +618,7 @@ void Session::on_conn_read(Conn& c, const io_uring_cqe& cqe) {
   if (cqe.res > 0) {
     env_.counters.bytes_from_guest += bytes.size();
     const size_t n = bytes.size();
-    c.last_read_full = n >= env_.conn_buffers.block_size();
-    c.bulk = c.bulk || c.last_read_full;
+    c.bulk = c.bulk || n >= env_.conn_buffers.block_size();
     if (!c.bulk) note_io(n);
     if (!mux_.send(c.id, std::move(bytes))) {
       fail_conn(c, "stream no longer accepts data");
@@ -743,6 +742,7 @@ void Session::on_conn_write(Conn& c, int res) {
   if (res > 0) {
     const auto n = static_cast<size_t>(res);
     if (!c.bulk) note_io(c.out.bytes());
+    c.slow_reader = n < c.out.bytes();
     c.out.consume(n);
     env_.counters.bytes_to_guest += n;
     mux_.consume(c.id, n);  // the host may send as much again
@@ -804,7 +804,6 @@ void Session::arm_conn_read(Conn& c, size_t capacity) {
   io_uring_sqe* sqe = conn_sqe(c, Op::kConnRead);
   io_uring_prep_recv(sqe, c.fd, nullptr, 0, 0);
   env_.conn_buffers.attach(sqe, len, c.read_hold);
-  if (c.last_read_full && offload_bulk()) sqe->flags |= IOSQE_ASYNC;
   c.reading = true;
 }
 
@@ -823,13 +822,16 @@ void Session::arm_conn_write(Conn& c) {
   io_uring_prep_sendmsg(sqe, c.fd, &c.msg, MSG_NOSIGNAL);
   if (c.out.bytes() >= kBulkIo) {
     c.bulk = true;
-    if (offload_bulk()) sqe->flags |= IOSQE_ASYNC;
+    // Not for a socket whose reader lags: a worker would sit in that send until the reader caught up,
+    // holding every queued slice (and the read blocks they pin) as in flight.
+    if (offload_bulk() && !c.slow_reader) sqe->flags |= IOSQE_ASYNC;
   }
   c.writing = true;
 }
 
-// A small read or write means someone waits for an answer: for the next 100 ms bulk socket operations run
-// in io_uring's worker threads instead of this loop. Inline they are cheaper (one copy, no hand-off), which
+// A small read or write means someone waits for an answer: for the next 100 ms bulk socket writes run in
+// io_uring's worker threads instead of this loop. (Not reads: a worker waiting in a read for a quiet socket
+// would hold a ring buffer all that time.) Inline they are cheaper (one copy, no hand-off), which
 // is why a bulk transfer on its own keeps them; but each one holds the loop for up to a buffer's copy, and a
 // loop that is always busy is scheduled late, so a round trip beside a bulk stream waits for both.
 void Session::note_io(size_t queued_or_read) {

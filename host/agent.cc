@@ -258,19 +258,19 @@ void Agent::pump_file_events() {
   session_->flush();
 }
 
-// A slow reader's queued bytes pin the 1 MiB read blocks they arrived in, and with them other streams'
-// bytes long since written. Once the pool holds more than this, such bytes move into small blocks, so
-// memory follows what is actually queued (bounded by the windows) rather than the blocks it came in.
+// A slow reader's queued bytes pin the 1 MiB transport read blocks they arrived in, and with them other
+// streams' bytes long since written. Once that pool holds more than this, such bytes move into small blocks,
+// so memory follows what is actually queued (bounded by the windows) rather than the blocks it came in.
 constexpr size_t kCompactAboveBytes = 32 << 20;
 
 void Agent::compact_slow_readers() {
-  if (pool_.stats().in_use * pool_.block_size() <= kCompactAboveBytes) return;
+  if (transport_pool_.stats().in_use * transport_pool_.block_size() <= kCompactAboveBytes) return;
   size_t copied = 0;
   for (auto& [raw, bridge] : bridges_) copied += raw->compact(compact_arena_);
   if (copied == 0) return;
   counters_.bytes_compacted += copied;
   log::debug("moved {} queued bytes of slow readers out of shared read blocks ({} blocks in use)", copied,
-             pool_.stats().in_use);
+             transport_pool_.stats().in_use);
 }
 
 void Agent::on_tick() {

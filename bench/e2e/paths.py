@@ -256,6 +256,7 @@ class EnvView:
         self.server_tcp = ""
         self.ready = ready
         self.docker = docker
+        self.vbridge_shm = env.vbridge_shm
 
     def server_addr(self, family: str) -> str:
         if family != "unix":
@@ -540,7 +541,7 @@ class VbridgePath(Path):
             guest += ["--docker-socket", server_unix]
         shm: list[str] = []
         if self.env.vbridge_shm:
-            self.shm_file = FsPath(f"/dev/shm/vbridge-e2e-{os.getpid()}-{self.family}.shm")
+            self.shm_file = FsPath(f"/dev/shm/vbridge-e2e-{os.getpid()}-{self.env.tmp.name}-{self.family}.shm")
             shm = ["--shm-file", str(self.shm_file)]
         guest += shm
         self._spawn(guest, f"vbridge-guest-{self.family}.log")
@@ -561,9 +562,6 @@ class VbridgePath(Path):
             host += ["--publish", f"127.0.0.1:{port}:{self.env.server_port()}"]
             self.client_addr = f"tcp:127.0.0.1:{port}"
         self._spawn(host, f"vbridge-host-{self.family}.log")
-        if os.environ.get("VB_NICE"):
-            for p in self._procs:
-                os.setpriority(os.PRIO_PROCESS, p.pid, int(os.environ["VB_NICE"]))
         self._wait_ready()
 
     def stop(self) -> None:
