@@ -37,6 +37,7 @@ int main(int argc, char** argv) {
   bool splice = false;
   size_t buffer_kib = 256;
   std::string shm_file;
+  uint32_t window_kib = 4096;
 
   app.add_option(
          "--listen", listen,
@@ -103,6 +104,9 @@ int main(int argc, char** argv) {
       "Memory shared with the host agent (its --shm-file): a file both agents map, or \"pci\" for the VM's "
       "ivshmem device. Bytes read from guest sockets land in it and the host agent writes them out from "
       "there, so the transport carries references instead of the bytes");
+  app.add_option("--window-kib", window_kib, "Per-stream receive window in KiB: how much the host may send ahead")
+      ->check(CLI::Range(uint32_t{64}, uint32_t{1u << 20}))
+      ->capture_default_str();
   app.add_option("--buffer-kib", buffer_kib,
                  "Size of one read buffer in KiB; also the largest single read from a socket")
       ->check(CLI::Range(size_t{4}, size_t{1024}))
@@ -177,6 +181,7 @@ int main(int argc, char** argv) {
   config.buffer_rings = !no_buffer_ring;
   config.splice = splice;
   config.buffer_size = buffer_kib * 1024;
+  config.mux.initial_window = window_kib * 1024;
   // Without its shared memory the bridge still works, copying every byte: a warning, not a stop.
   if (!shm_file.empty()) {
     const std::string path = shm_file == "pci" ? SharedMemory::find_ivshmem_bar() : shm_file;
