@@ -183,6 +183,9 @@ class LocalInstances(CliTest):
             self.assertTrue(doc["bridge"]["connected"], doc)
             self.assertEqual(doc["bridge"]["instance"], name)
             self.assertEqual(doc["runtime_dir"], str(self.runtime / name))
+            # Each instance's agents share their own memory file.
+            self.assertTrue(doc["bridge"]["shared_memory"]["active"], doc["bridge"]["shared_memory"])
+        self.assertNotEqual(a["bridge"]["shared_memory"]["path"], b["bridge"]["shared_memory"]["path"])
         self.assertNotEqual(a["bridge"]["transport"], b["bridge"]["transport"])
         self.assertNotEqual(a["bridge"]["forwards"], b["bridge"]["forwards"])
         # Two dockerds: a container of a is not in b; each context reaches its own.
@@ -203,6 +206,8 @@ class LocalInstances(CliTest):
         for pid in pids:
             self.assertFalse(running(pid), f"pid {pid} of instance a still runs")
         self.assertEqual(sockets_under(self.runtime / "a"), [])
+        self.assertFalse(os.path.exists(a["bridge"]["shared_memory"]["path"]), "instance a's shared memory left")
+        self.assertTrue(os.path.exists(b["bridge"]["shared_memory"]["path"]))
         r = self.docker("vbridge-b", "run", "--rm", "vbridge-busybox", "echo", "still ok")
         self.assertEqual((r.returncode, r.stdout), (0, "still ok\n"), r.stderr)
         # An instance that is up cannot be started twice.
