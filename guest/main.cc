@@ -104,7 +104,8 @@ int main(int argc, char** argv) {
       "Memory shared with the host agent (its --shm-file): a file both agents map, or \"pci\" for the VM's "
       "ivshmem device. Bytes read from guest sockets land in it and the host agent writes them out from "
       "there, so the transport carries references instead of the bytes");
-  app.add_option("--window-kib", window_kib, "Per-stream receive window in KiB: how much the host may send ahead")
+  app.add_option("--window-kib", window_kib,
+                 "Per-stream receive window in KiB: how much the host may send ahead")
       ->check(CLI::Range(uint32_t{64}, uint32_t{1u << 20}))
       ->capture_default_str();
   app.add_option("--buffer-kib", buffer_kib,
