@@ -227,6 +227,7 @@ void Injector::count_resolve_error(int err, std::string_view rel) {
   switch (err) {
     case ENOENT:
     case ENOTDIR:
+    case ESTALE:         // a FUSE mount's way of saying the same while the host removes it
       ++counters_.gone;  // changed again since the host looked: a later event covers it
       return;
     case ELOOP:
@@ -249,6 +250,7 @@ void Injector::pulse_xattr(int fd) {
       ++counters_.gone;  // removed on the host after we opened it (path-based FUSE servers notice)
     } else {
       ++counters_.errors;
+      log::debug("file events: cannot set an xattr: {}", std::strerror(err));
     }
     return;
   }
@@ -257,6 +259,7 @@ void Injector::pulse_xattr(int fd) {
       ++counters_.gone;
     } else if (errno != ENODATA) {
       ++counters_.errors;
+      log::debug("file events: cannot remove an xattr: {}", std::strerror(errno));
     }
   }
 }
@@ -264,7 +267,13 @@ void Injector::pulse_xattr(int fd) {
 void Injector::touch_opened(const Root& root, int path_fd, std::string_view rel_for_log) {
   struct stat st {};
   if (::fstat(path_fd, &st) != 0) {
-    ++counters_.errors;
+    // Removed on the host between our open and this stat (a FUSE mount asks the host again).
+    if (errno == ENOENT || errno == ESTALE) {
+      ++counters_.gone;
+    } else {
+      ++counters_.errors;
+      log::debug("file events: cannot stat {}: {}", printable(rel_for_log), std::strerror(errno));
+    }
     return;
   }
   if (S_ISLNK(st.st_mode)) {
