@@ -591,6 +591,19 @@ void Mux::queue_control(StreamId id, const flatbuffers::FlatBufferBuilder& built
   f.owned.assign(data, data + built.GetSize());
 }
 
+// The first `n` bytes of the stream's first pending memory bytes, dropping the entry once it is all taken.
+Slice Mux::take_front(Stream& s, size_t n) {
+  PendingBytes& head = s.pending.front();
+  if (n < head.bytes.size()) {
+    Slice front = head.bytes.sub(0, n);
+    head.bytes.advance(n);
+    return front;
+  }
+  Slice all = std::move(head.bytes);
+  s.pending.pop_front();
+  return all;
+}
+
 // Moves queued stream data into out_, round-robin, `quantum` bytes per stream per turn, until the
 // transport has `output_watermark` bytes of DATA waiting.
 void Mux::schedule() {
@@ -609,48 +622,31 @@ void Mux::schedule() {
       // quantum does not cut them.
       const int64_t shared_offset =
           shared_active_ && head.pipe == nullptr ? config_.shared->local_offset(head.bytes) : -1;
+      const size_t take =
+          std::min<size_t>({head.size(), shared_offset >= 0 ? s->send_credit : budget, frame_limit});
       if (shared_offset >= 0) {
-        const size_t take = std::min<size_t>({head.size(), s->send_credit, frame_limit});
-        Slice lent;
-        if (take == head.bytes.size()) {
-          lent = std::move(head.bytes);
-          s->pending.pop_front();
-        } else {
-          lent = head.bytes.sub(0, take);
-          head.bytes.advance(take);
-        }
         OutFrame& f = queue_frame(FrameType::kDataRef, id, kDataRefPayloadSize);
-        store_u32(f.small.data(), lend(std::move(lent)));
+        store_u32(f.small.data(), lend(take_front(*s, take)));
         store_u32(f.small.data() + 4, static_cast<uint32_t>(shared_offset));
         store_u32(f.small.data() + 8, static_cast<uint32_t>(take));
         f.small_size = kDataRefPayloadSize;
-        budget -= std::min<uint64_t>(budget, take);
-        s->send_credit -= take;
-        s->pending_bytes -= take;
-        buffered_ -= take;
-        counters_.bytes_out += take;
         counters_.bytes_out_by_ref += take;
-        continue;
-      }
-      const size_t take = std::min<size_t>({head.size(), budget, frame_limit});
-      OutFrame& f = queue_frame(FrameType::kData, id, static_cast<uint32_t>(take));
-      if (head.pipe != nullptr) {
-        f.pipe = head.pipe;
-        f.piped = static_cast<uint32_t>(take);
-        head.piped -= take;
-        if (head.piped == 0) s->pending.pop_front();
-      } else if (take == head.bytes.size()) {
-        f.payload = std::move(head.bytes);
-        s->pending.pop_front();
       } else {
-        f.payload = head.bytes.sub(0, take);
-        head.bytes.advance(take);
+        OutFrame& f = queue_frame(FrameType::kData, id, static_cast<uint32_t>(take));
+        if (head.pipe != nullptr) {
+          f.pipe = head.pipe;
+          f.piped = static_cast<uint32_t>(take);
+          head.piped -= take;
+          if (head.piped == 0) s->pending.pop_front();
+        } else {
+          f.payload = take_front(*s, take);
+        }
+        out_data_bytes_ += take;
       }
-      budget -= take;
+      budget -= std::min<uint64_t>(budget, take);
       s->send_credit -= take;
       s->pending_bytes -= take;
       buffered_ -= take;
-      out_data_bytes_ += take;
       counters_.bytes_out += take;
     }
     update(*s);

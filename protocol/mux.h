@@ -219,6 +219,7 @@ class Mux {
   Status handle_data_ref(StreamId id, std::span<const std::byte> payload);
   void handle_release(std::span<const std::byte> payload);
   uint32_t lend(Slice bytes);
+  Slice take_front(Stream& s, size_t n);
   void queue_releases();
   bool queue_pending(StreamId id, PendingBytes bytes, size_t n);
   Stream* find(StreamId id) const;
