@@ -37,9 +37,7 @@ std::string GuestCounters::to_string() const {
 // A datagram conn (UDP flow) uses `reading` for its readiness poll; host datagrams are sent at once, so
 // `out` stays empty, and a FIN either way ends the flow.
 namespace {
-constexpr size_t kSmallIo = 16 * 1024;
 constexpr size_t kBulkIo = 64 * 1024;
-constexpr auto kInteractiveHold = std::chrono::milliseconds(100);
 }  // namespace
 
 struct Session::Conn {
@@ -619,7 +617,7 @@ void Session::on_conn_read(Conn& c, const io_uring_cqe& cqe) {
     env_.counters.bytes_from_guest += bytes.size();
     const size_t n = bytes.size();
     c.bulk = c.bulk || n >= env_.conn_buffers.block_size();
-    if (!c.bulk) note_io(n);
+    if (!c.bulk) interactive_.note(n);
     if (!mux_.send(c.id, std::move(bytes))) {
       fail_conn(c, "stream no longer accepts data");
       return;
@@ -741,7 +739,7 @@ void Session::on_conn_write(Conn& c, int res) {
   if (c.phase == Conn::Phase::kClosing) return;
   if (res > 0) {
     const auto n = static_cast<size_t>(res);
-    if (!c.bulk) note_io(c.out.bytes());
+    if (!c.bulk) interactive_.note(c.out.bytes());
     c.slow_reader = n < c.out.bytes();
     c.out.consume(n);
     env_.counters.bytes_to_guest += n;
@@ -824,18 +822,9 @@ void Session::arm_conn_write(Conn& c) {
     c.bulk = true;
     // Not for a socket whose reader lags: a worker would sit in that send until the reader caught up,
     // holding every queued slice (and the read blocks they pin) as in flight.
-    if (offload_bulk() && !c.slow_reader) sqe->flags |= IOSQE_ASYNC;
+    if (interactive_.active() && !c.slow_reader) sqe->flags |= IOSQE_ASYNC;
   }
   c.writing = true;
-}
-
-// A small read or write means someone waits for an answer: for the next 100 ms bulk socket writes run in
-// io_uring's worker threads instead of this loop. (Not reads: a worker waiting in a read for a quiet socket
-// would hold a ring buffer all that time.) Inline they are cheaper (one copy, no hand-off), which
-// is why a bulk transfer on its own keeps them; but each one holds the loop for up to a buffer's copy, and a
-// loop that is always busy is scheduled late, so a round trip beside a bulk stream waits for both.
-void Session::note_io(size_t queued_or_read) {
-  if (queued_or_read < kSmallIo) interactive_until_ = std::chrono::steady_clock::now() + kInteractiveHold;
 }
 
 void Session::arm_conn_shutdown(Conn& c) {

@@ -41,6 +41,7 @@
 #include "guest/transport_linux.h"
 #include "guest/uring_loop.h"
 #include "guest/write_queue.h"
+#include "protocol/interactive_clock.h"
 #include "protocol/log.h"
 #include "protocol/mux.h"
 
@@ -194,8 +195,6 @@ class Session final : public MuxHandler {
   // Detaches from the stream and closes the guest socket once its operations are cancelled.
   void kill(Conn& c);
   void release(Conn& c);
-  void note_io(size_t queued_or_read);
-  bool offload_bulk() const { return std::chrono::steady_clock::now() < interactive_until_; }
 
   static MuxConfig mux_config_for(MuxConfig config, TransportKind kind);
 
@@ -209,9 +208,9 @@ class Session final : public MuxHandler {
   bool closing_ = false;
   uint32_t inflight_ = 0;  // operations submitted and not completed (cancels excluded)
 
-  // Until then a small exchange was seen lately: bulk socket operations go to io_uring's worker threads
-  // (IOSQE_ASYNC), so this loop stays free to answer the small exchange at once (see note_io).
-  std::chrono::steady_clock::time_point interactive_until_{};
+  // A small exchange seen lately sends bulk socket writes to io_uring's workers (IOSQE_ASYNC); not writes
+  // to a socket whose reader lags, nor reads: a worker would wait there holding queued slices or a buffer.
+  InteractiveClock interactive_;
 
   bool reading_ = false;  // a transport read (multishot or single) is armed
   bool multishot_armed_ = false;

@@ -21,23 +21,9 @@
 #include <vector>
 
 #include "protocol/buffer.h"
+#include "protocol/interactive_clock.h"
 
 namespace vbridge {
-
-// Whether a small exchange was seen lately (a read or write of a few KiB on a stream that is not a bulk
-// transfer). Bulk reads go to the worker only then: inline they cost less.
-class InteractiveClock {
- public:
-  void note(size_t bytes) {
-    if (bytes < kSmall) until_ = std::chrono::steady_clock::now() + kHold;
-  }
-  bool active() const { return std::chrono::steady_clock::now() < until_; }
-
- private:
-  static constexpr size_t kSmall = 16 * 1024;
-  static constexpr auto kHold = std::chrono::milliseconds(100);
-  std::chrono::steady_clock::time_point until_{};
-};
 
 class BulkReader {
  public:
