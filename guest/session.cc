@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "protocol/datagram.h"
+#include "protocol/socket_buffers.h"
 
 namespace vbridge::guest {
 
@@ -542,7 +543,9 @@ void Session::dial(Conn& c) {
     dial_failed(c, errno);
     return;
   }
-  if (address.family() != AF_UNIX) {
+  if (address.family() == AF_UNIX) {
+    widen_unix_send_buffer(c.fd);
+  } else {
     // A relay must not hold back a small write for the ACK of the one before (Nagle): a message the
     // transport delivered in two pieces would otherwise wait for the server's delayed ACK.
     const int one = 1;

@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "protocol/log.h"
+#include "protocol/socket_buffers.h"
 
 namespace vbridge {
 namespace {
@@ -123,6 +124,7 @@ void Listener::accept_all() {
                   ::getuid());
         continue;
       }
+      widen_unix_send_buffer(client.get());
     } else {
       const int one = 1;
       ::setsockopt(client.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
