@@ -23,7 +23,8 @@ SVG = "{http://www.w3.org/2000/svg}"
 
 # JSON key -> the key that holds the figures when the section ran.
 SECTIONS = {"docker": "paths", "idle_streams": "with_streams", "ports": "appear_ms", "file_events": "vbridge_ms"}
-STREAM_METRICS = ("tput1", "tput1_rev", "tput8", "rtt_p50", "rtt_p99", "load_p50", "load_p99", "conn")
+STREAM_METRICS = ("tput1", "tput1_rev", "tput8", "rtt_p50", "rtt_p99", "load_p50", "load_p99", "cpu_p50", "cpu_p99",
+                  "conn")
 
 BUILD_DIR = ""
 

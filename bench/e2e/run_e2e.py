@@ -79,6 +79,9 @@ class Bench:
     seconds: float   # expected duration, for the timeout
 
 
+DIRECT_SERVER = "{direct server}"  # replaced by the loadgen server's own address of the path's family
+
+
 def benchmarks(p: Profile) -> list[Bench]:
     s, n, r = str(p.seconds), str(p.rtt_count), str(p.rtt_seconds)
     return [
@@ -87,6 +90,11 @@ def benchmarks(p: Profile) -> list[Bench]:
         Bench("tput8", "throughput, 8 streams", ["throughput", "--streams", "8", "--seconds", s], p.seconds),
         Bench("rtt", "rtt idle", ["rtt", "--count", n, "--seconds", r], p.rtt_seconds),
         Bench("rtt_bulk", "rtt under bulk", ["rtt", "--count", n, "--seconds", r, "--background-bulk"],
+              p.rtt_seconds),
+        # The same round trip beside a bulk stream that goes straight to the server, not along the path:
+        # what is left of "beside bulk" once the path's own queues are out of it (the CPU is still shared).
+        Bench("rtt_cpu", "rtt beside bulk elsewhere",
+              ["rtt", "--count", n, "--seconds", r, "--background-bulk", "--bulk-connect", DIRECT_SERVER],
               p.rtt_seconds),
         Bench("connrate", "connections/s", ["connrate", "--seconds", s, "--parallel", str(p.parallel)], p.seconds),
     ]
@@ -116,6 +124,8 @@ METRICS = [
     Metric("rtt_p99", "rtt p99, idle", "rtt", ("p99_us",), "us"),
     Metric("load_p50", "rtt p50, beside bulk", "rtt_bulk", ("p50_us",), "us"),
     Metric("load_p99", "rtt p99, beside bulk", "rtt_bulk", ("p99_us",), "us"),
+    Metric("cpu_p50", "rtt p50, beside bulk elsewhere", "rtt_cpu", ("p50_us",), "us"),
+    Metric("cpu_p99", "rtt p99, beside bulk elsewhere", "rtt_cpu", ("p99_us",), "us"),
     Metric("conn", "connections/s", "connrate", ("per_second",), "1/s"),
 ]
 
@@ -248,7 +258,8 @@ def machine() -> dict:
 
 
 def run_bench(env: Env, path: Path, bench: Bench) -> dict:
-    argv = [env.loadgen, *bench.argv, "--connect", path.client_addr]
+    argv = [env.loadgen, *(env.server_addr(path.family) if a == DIRECT_SERVER else a for a in bench.argv),
+            "--connect", path.client_addr]
     try:
         r = env.children.run(argv, timeout=bench.seconds + 60)
     except subprocess.TimeoutExpired:
@@ -434,6 +445,12 @@ def p50_p99(summary: dict, digits: int) -> str:
 
 def section_lines(doc: dict) -> list[str]:
     lines = []
+    for fam in ("unix", "tcp"):
+        idle, along, elsewhere = (metric_of(doc, f"vbridge/{fam}", k) for k in ("rtt_p99", "load_p99", "cpu_p99"))
+        if idle and along and elsewhere:
+            lines.append(f"vbridge rtt p99, {fam}: idle {fmt(idle)} us; beside bulk along the path {fmt(along)} us "
+                         f"({along / idle:.2f}x idle); beside bulk that bypasses it {fmt(elsewhere)} us "
+                         f"({elsewhere / idle:.2f}x idle: the share of the CPU alone)")
     idle = doc.get("idle_streams", {})
     if idle.get("with_streams"):
         b, w = idle["before"], idle["with_streams"]
