@@ -618,10 +618,12 @@ void Mux::schedule() {
     uint64_t budget = std::min<uint64_t>(config_.quantum, s->send_credit);
     while (budget > 0 && !s->pending.empty()) {
       PendingBytes& head = s->pending.front();
-      // Bytes in shared memory leave as a 12-byte reference: they hold up nobody on the transport, so the
-      // quantum does not cut them.
+      // Bytes in shared memory (min_lent_bytes or more) leave as a 12-byte reference: they hold up nobody
+      // on the transport, so the quantum does not cut them.
       const int64_t shared_offset =
-          shared_active_ && head.pipe == nullptr ? config_.shared->local_offset(head.bytes) : -1;
+          shared_active_ && head.pipe == nullptr && head.size() >= config_.min_lent_bytes
+              ? config_.shared->local_offset(head.bytes)
+              : -1;
       const size_t take =
           std::min<size_t>({head.size(), shared_offset >= 0 ? s->send_credit : budget, frame_limit});
       if (shared_offset >= 0) {

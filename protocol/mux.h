@@ -62,6 +62,10 @@ struct MuxConfig {
   // DATA whose bytes lie in this side's half leaves as a DATA_REF naming them, and the peer's DATA_REFs
   // arrive as Slices of the peer's half. It must outlive every Slice the mux hands out.
   SharedMemory* shared = nullptr;
+  // Shared bytes smaller than this leave as plain DATA all the same. A loan costs the peer a RELEASE frame,
+  // and for a small exchange that frame is a write and a wakeup of its own on both sides, where copying a
+  // few KiB through the transport costs less than a microsecond.
+  uint32_t min_lent_bytes = 16 * 1024;
 };
 
 // The lifecycle of one stream. Half-close is tracked by two flags beside it (fin_sent, fin_received).

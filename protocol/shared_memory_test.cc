@@ -25,7 +25,8 @@ std::string region_path(const std::string& name) {
 
 // Two muxes, each with its own mapping of one region: the two agents, in one process.
 struct SharedPair {
-  explicit SharedPair(const std::string& name, const std::string& guest_name = "")
+  explicit SharedPair(const std::string& name, const std::string& guest_name = "",
+                      uint32_t min_lent_bytes = 1)
       : host_path(region_path(name)), guest_path(guest_name.empty() ? host_path : region_path(guest_name)) {
     host_region = std::move(SharedMemory::create(host_path, kRegion).value());
     if (guest_path != host_path) (void)SharedMemory::create(guest_path, kRegion);
@@ -33,6 +34,8 @@ struct SharedPair {
     MuxConfig host_config, guest_config;
     host_config.shared = host_region.get();
     guest_config.shared = guest_region.get();
+    // These tests follow loans of a few bytes; the default lends only larger pieces.
+    host_config.min_lent_bytes = guest_config.min_lent_bytes = min_lent_bytes;
     host = std::make_unique<Mux>(Role::kHost, host_handler, host_config);
     guest = std::make_unique<Mux>(Role::kGuest, guest_handler, guest_config);
     host_handler.mux = host.get();
@@ -130,6 +133,26 @@ TEST(SharedMemory, MuxSendsSharedBytesByReferenceAndGetsTheLoanBack) {
   // The guest dropped its Slices after recording them: both loans came back, the blocks are free again.
   EXPECT_EQ(p.host->loans_outstanding(), 0u);
   EXPECT_EQ(p.host_pool->stats().shared_in_use, 0u);
+}
+
+TEST(SharedMemory, SmallPiecesAreCopiedSoTheyNeedNoRelease) {
+  SharedPair p("small", "", MuxConfig{}.min_lent_bytes);
+  const StreamId id = p.open();
+  ASSERT_TRUE(p.host->shared_active());
+  ASSERT_TRUE(p.host->send(id, p.shared_bytes("a small request")));
+  p.settle();
+  EXPECT_EQ(p.guest_handler.data_of(id), "a small request");
+  EXPECT_EQ(p.host->counters().bytes_out_by_ref, 0u);
+  const uint64_t frames_from_guest = p.guest->counters().frames_out;
+
+  const std::string large(MuxConfig{}.min_lent_bytes, 'x');
+  ASSERT_TRUE(p.host->send(id, p.shared_bytes(large)));
+  p.settle();
+  EXPECT_EQ(p.guest_handler.data_of(id), "a small request" + large);
+  EXPECT_EQ(p.host->counters().bytes_out_by_ref, large.size());
+  EXPECT_EQ(p.host->loans_outstanding(), 0u);
+  EXPECT_GT(p.guest->counters().frames_out, frames_from_guest)
+      << "the large piece's loan came back in a RELEASE";
 }
 
 TEST(SharedMemory, LoanHeldPastTheStreamsEndIsStillReturned) {
