@@ -11,7 +11,6 @@
 
 #include "protocol/datagram.h"
 #include "protocol/log.h"
-#include "protocol/socket_buffers.h"
 
 namespace vbridge::guest {
 namespace {
@@ -503,7 +502,6 @@ void Agent::on_reverse_accept(uint32_t index, int res) {
     ::close(res);
     return;
   }
-  widen_unix_send_buffer(res);
   active_->open_reverse(res, r.config.name, r.config.guest_path);
 }
 

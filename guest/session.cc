@@ -71,6 +71,7 @@ struct Session::Conn {
 
   bool bulk = false;         // has carried a bulk transfer: its small pieces do not count as interactive
   bool slow_reader = false;  // the last write took less than it was given: the socket is full
+  bool send_buffer_widened = false;  // widen_send_buffer_if_unix was called for this socket
 
   WriteQueue out;
   bool writing = false;
@@ -543,9 +544,7 @@ void Session::dial(Conn& c) {
     dial_failed(c, errno);
     return;
   }
-  if (address.family() == AF_UNIX) {
-    widen_unix_send_buffer(c.fd);
-  } else {
+  if (address.family() != AF_UNIX) {
     // A relay must not hold back a small write for the ACK of the one before (Nagle): a message the
     // transport delivered in two pieces would otherwise wait for the server's delayed ACK.
     const int one = 1;
@@ -744,6 +743,10 @@ void Session::on_conn_write(Conn& c, int res) {
     const auto n = static_cast<size_t>(res);
     if (!c.bulk) interactive_.note(c.out.bytes());
     c.slow_reader = n < c.out.bytes();
+    if (c.slow_reader && !c.send_buffer_widened) {
+      widen_send_buffer_if_unix(c.fd);
+      c.send_buffer_widened = true;
+    }
     c.out.consume(n);
     env_.counters.bytes_to_guest += n;
     mux_.consume(c.id, n);  // the host may send as much again

@@ -12,7 +12,6 @@
 #include <cstring>
 
 #include "protocol/log.h"
-#include "protocol/socket_buffers.h"
 
 namespace vbridge {
 namespace {
@@ -118,13 +117,12 @@ void Listener::accept_all() {
       ucred cred{};
       socklen_t len = sizeof cred;
       if (::getsockopt(client.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 ||
-          (cred.uid != ::getuid() && cred.uid != 0)) {
+          (cred.uid != own_uid_ && cred.uid != 0)) {
         ++rejected_peers_;
         log::warn("refused a connection on {} from uid {} (only uid {} may connect)", address_.path, cred.uid,
-                  ::getuid());
+                  own_uid_);
         continue;
       }
-      widen_unix_send_buffer(client.get());
     } else {
       const int one = 1;
       ::setsockopt(client.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);

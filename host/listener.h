@@ -1,6 +1,8 @@
 // A listening socket on the host: a unix path (mode 0600, peers must be our uid or root) or a TCP address.
 #pragma once
 
+#include <unistd.h>
+
 #include <functional>
 #include <memory>
 #include <string>
@@ -30,6 +32,7 @@ class Listener {
   AcceptFn on_accept_;
   Poller poller_;
   uint64_t rejected_peers_ = 0;
+  const uid_t own_uid_ = ::getuid();  // asked once: the check runs for every connection
 };
 
 }  // namespace vbridge

@@ -52,8 +52,7 @@ void Poller::close(std::function<void()> done) {
   auto* box = static_cast<HandleBox*>(handle_->data);
   box->owner = nullptr;
   box->on_closed = std::move(done);
-  uv_poll_stop(handle_);
-  // The descriptor may only be closed after libuv has forgotten it.
+  // uv_close stops the watch itself (one epoll_ctl); the descriptor may only be closed after that.
   const int fd = fd_.release();
   uv_close(reinterpret_cast<uv_handle_t*>(handle_), [](uv_handle_t* h) {
     auto* b = static_cast<HandleBox*>(h->data);

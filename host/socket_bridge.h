@@ -87,8 +87,9 @@ class SocketBridge final : public StreamSink {
 
   BulkReader* bulk_reader_ = nullptr;
   InteractiveClock* clock_ = nullptr;
-  bool bulk_ = false;            // a read filled its buffer: this stream carries a bulk transfer
-  uint64_t offloaded_read_ = 0;  // the BulkReader's token while a read is there
+  bool send_buffer_widened_ = false;  // widen_send_buffer_if_unix was called for the client socket
+  bool bulk_ = false;                 // a read filled its buffer: this stream carries a bulk transfer
+  uint64_t offloaded_read_ = 0;       // the BulkReader's token while a read is there
 };
 
 }  // namespace vbridge

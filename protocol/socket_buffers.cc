@@ -4,7 +4,10 @@
 
 namespace vbridge {
 
-void widen_unix_send_buffer(int fd) {
+void widen_send_buffer_if_unix(int fd) {
+  int domain = 0;
+  socklen_t len = sizeof domain;
+  if (::getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0 || domain != AF_UNIX) return;
   const int bytes = kUnixSendBufferBytes;
   if (::setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &bytes, sizeof bytes) == 0) return;
   ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes);

@@ -18,7 +18,7 @@ TEST(SocketBuffers, UnixSendBufferGrowsBeyondTheDefault) {
   int fds[2];
   ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, fds), 0);
   const int before = send_buffer_of(fds[0]);
-  widen_unix_send_buffer(fds[0]);
+  widen_send_buffer_if_unix(fds[0]);
   const int after = send_buffer_of(fds[0]);
   // The kernel doubles what it is asked for; without CAP_NET_ADMIN it asks for net.core.wmem_max at most,
   // which is never below the default.
@@ -27,6 +27,15 @@ TEST(SocketBuffers, UnixSendBufferGrowsBeyondTheDefault) {
   EXPECT_EQ(send_buffer_of(fds[1]), before) << "only the socket asked for changes";
   ::close(fds[0]);
   ::close(fds[1]);
+}
+
+TEST(SocketBuffers, TcpSocketsKeepTheKernelsSizing) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  const int before = send_buffer_of(fd);
+  widen_send_buffer_if_unix(fd);
+  EXPECT_EQ(send_buffer_of(fd), before);
+  ::close(fd);
 }
 
 }  // namespace
