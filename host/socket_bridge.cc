@@ -228,29 +228,23 @@ SocketBridge::ReadOutcome SocketBridge::splice_client(size_t capacity) {
   return static_cast<size_t>(n) < want ? ReadOutcome::kDrained : ReadOutcome::kMore;
 }
 
-namespace {
-size_t total_of(const iovec* iov, int count) {
-  size_t total = 0;
-  for (int i = 0; i < count; ++i) total += iov[i].iov_len;
-  return total;
-}
-}  // namespace
-
 void SocketBridge::write_client() {
   if (done_) return;
   size_t written_total = 0;
   while (!to_client_.empty()) {
     iovec iov[64];
     int count = 0;
+    size_t offered = 0;
     for (auto it = to_client_.begin(); it != to_client_.end() && count < 64; ++it, ++count) {
       iov[count] = iovec{it->data(), it->size()};
+      offered += it->size();
     }
     const ssize_t n = retry_eintr([&] { return ::writev(poller_.fd(), iov, count); });
     if (n < 0 && errno != EAGAIN) {
       abort(fmt::format("client socket write failed: {}", std::strerror(errno)));
       return;
     }
-    if (n < 0 || static_cast<size_t>(n) < total_of(iov, count)) {
+    if (n < 0 || static_cast<size_t>(n) < offered) {
       // The client's queue is full: a deeper one lets it read more per wakeup (protocol/socket_buffers.h).
       if (!send_buffer_widened_) widen_send_buffer_if_unix(poller_.fd());
       send_buffer_widened_ = true;
