@@ -22,7 +22,6 @@ constexpr auto kAcceptRetry = std::chrono::milliseconds(100);    // accept faile
 constexpr auto kHardDeadline = std::chrono::milliseconds(1000);  // cancelled operations must be back by then
 constexpr uint32_t kDrainTimer = 0;
 constexpr uint32_t kHardTimer = 1;
-constexpr auto kMinRescan = std::chrono::milliseconds(2);  // on-demand scans (an OPEN for an unseen port)
 // A scan happens at least this often even when the socket counts did not move
 // (PortWatcher::may_have_changed).
 constexpr auto kFullScanEvery = std::chrono::milliseconds(500);
@@ -479,7 +478,7 @@ void Agent::on_file_events(const wire::FileEvents& batch) {
 
 const std::set<PortEntry>* Agent::guest_listeners(bool rescan) {
   if (!watcher_) return nullptr;
-  if (rescan && std::chrono::steady_clock::now() - last_scan_ >= kMinRescan) scan_ports();
+  if (rescan) scan_ports();
   return &watcher_->current();
 }
 

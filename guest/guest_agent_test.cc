@@ -880,6 +880,29 @@ TEST_P(GuestAgent, UdpFlowKeepsDatagramBoundariesAndOrder) {
   ASSERT_TRUE(host->pump_until([&] { return agent_->log().find("reset by host") != std::string::npos; }));
 }
 
+// A server that binds its port just before its client's OPEN arrives (iperf3's UDP test tells its client to
+// start only after binding) is found even when a scan ran a moment earlier: each miss looks again.
+TEST_P(GuestAgent, ListenerBoundRightAfterAScanIsFoundByItsOpen) {
+  start({"--port-poll-ms", "60000"});  // no periodic scan comes between: only the OPENs' own
+  auto host = connect();
+  uint16_t unused = 0;
+  {
+    UdpEcho temp;  // a port that was just free: nothing listens there now
+    unused = temp.port();
+  }
+  const StreamId missed = host->open_udp(unused);  // refused after a scan of its own
+  ASSERT_TRUE(host->pump_until([&] { return host->stream(missed).open_fail; })) << agent_->log();
+  UdpEcho udp;  // bound within a millisecond or so of that scan
+  const StreamId id = host->open_udp(udp.port());
+  const std::string record = datagram_record("found");
+  host->send_text(id, record);
+  ASSERT_TRUE(host->pump_until([&] {
+    return host->stream(id).data.size() == record.size() || host->stream(id).open_fail;
+  })) << agent_->log();
+  EXPECT_TRUE(host->stream(id).open_ok) << host->stream(id).message;
+  EXPECT_EQ(host->stream(id).data, record);
+}
+
 TEST_P(GuestAgent, ReverseUnixClientGetsAGuestOpenedStreamWithHalfCloseBothWays) {
   const std::string path = dir_.file("reverse.sock");
   start({"--reverse-unix", path + "=host-app"});

@@ -339,6 +339,7 @@ void Session::on_transport_write(int res) {
 }
 
 void Session::feed(const Slice& bytes) {
+  listeners_rescanned_ = false;
   if (Status st = mux_.feed(bytes); !st) {
     if (st.error().code == ErrorCode::kAuth) {
       // Nothing else was sent on this connection yet (our HELLO answers only a good one): the refusal goes
@@ -388,8 +389,11 @@ void Session::on_open(StreamId id, const wire::Target& target) {
   wire::TargetT requested;
   target.UnPackTo(&requested);
   auto plan = env_.targets.resolve(requested, env_.hooks.guest_listeners(false));
-  if (!plan && requested.proto != wire::Proto::Unix) {
-    // The listener may be newer than the last scan: look once more before refusing.
+  if (!plan && requested.proto != wire::Proto::Unix && !listeners_rescanned_) {
+    // The listener may be newer than the last scan, however recent: a server binds its port just before it
+    // tells its client to connect (iperf3's UDP test does). So a miss looks again before refusing; once
+    // per transport read, which also serves every later OPEN of that read.
+    listeners_rescanned_ = true;
     if (const auto* fresh = env_.hooks.guest_listeners(true)) plan = env_.targets.resolve(requested, fresh);
   }
   if (!plan) {
@@ -471,8 +475,14 @@ void Session::on_fin(StreamId id) {
 }
 
 void Session::on_reset(StreamId id, const Error& error) {
-  ++env_.counters.resets_from_host;
-  log::at(log::Level::kDebug, id, "reset by host: {}", error.message);
+  if (error.code == ErrorCode::kReset) {
+    ++env_.counters.resets_from_host;
+    log::at(log::Level::kDebug, id, "reset by host: {}", error.message);
+  } else {
+    // The host broke this stream's credit or FIN rules; the mux reset it alone and told the host why.
+    ++env_.counters.stream_errors;
+    log::at(log::Level::kWarn, id, "the host broke the stream, reset it: {}", error.to_string());
+  }
   if (Conn* c = conn_for(id)) {
     c->in_mux = false;
     by_stream_.erase(id);

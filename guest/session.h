@@ -57,7 +57,7 @@ struct GuestCounters {
   uint64_t streams_opened = 0;    // OPENs whose guest socket connected
   uint64_t open_denied = 0;       // OPENs refused by the target policy
   uint64_t dial_failed = 0;       // OPENs whose guest socket did not connect
-  uint64_t stream_errors = 0;     // guest socket read/write errors; the stream was reset
+  uint64_t stream_errors = 0;     // guest socket errors, or the host broke a stream's rules; it was reset
   uint64_t resets_from_host = 0;
   uint64_t streams_dropped = 0;   // streams cut because their host connection ended
   uint64_t bytes_from_guest = 0;  // read from guest sockets
@@ -211,6 +211,7 @@ class Session final : public MuxHandler {
   // A small exchange seen lately sends bulk socket writes to io_uring's workers (IOSQE_ASYNC); not writes
   // to a socket whose reader lags, nor reads: a worker would wait there holding queued slices or a buffer.
   InteractiveClock interactive_;
+  bool listeners_rescanned_ = false;  // an OPEN of this transport read already scanned the guest's ports
 
   bool reading_ = false;  // a transport read (multishot or single) is armed
   bool multishot_armed_ = false;

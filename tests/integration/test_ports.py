@@ -144,7 +144,10 @@ class PortForwardTest(FixtureTestCase):
         r = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-u", "-b", "200M", "-t", "2", "-J"],
                            capture_output=True, text=True, timeout=60)
         self.assertEqual(r.returncode, 0, r.stdout[-2000:] + r.stderr)
-        result = json.loads(r.stdout)["end"]["sum"]
+        end = json.loads(r.stdout)["end"]
+        self.assertIn("sum", end, r.stdout[-1500:] + r.stderr + json.dumps(host_ports(self.host)) +
+                      self.host.process.logs() + self.guest.process.logs())
+        result = end["sum"]
         print(f"iperf3 UDP through the forward: {result['bits_per_second'] / 1e6:.0f} Mbit/s, "
               f"lost {result['lost_percent']:.2f}%")
         self.assertGreater(result["packets"], 0)
