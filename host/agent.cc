@@ -330,6 +330,7 @@ std::string Agent::status_json() const {
                 {"streams_opened", c.streams_opened},
                 {"streams_refused", c.streams_refused},
                 {"streams_reset", c.streams_reset},
+                {"stream_errors", c.stream_errors},
                 {"bytes_in", c.bytes_in},
                 {"bytes_out", c.bytes_out},
                 {"frames_in", c.frames_in},

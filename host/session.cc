@@ -172,6 +172,12 @@ void Session::on_fin(StreamId id) {
 void Session::on_reset(StreamId id, const Error& error) {
   StreamSink* s = sink(id);
   sinks_.erase(id);
+  if (error.code != ErrorCode::kReset) {
+    // The guest broke this stream's credit or FIN rules; the mux reset it alone and told the guest why.
+    log::at(log::Level::kWarn, id, "the guest broke the stream, reset it: {}", error.to_string());
+    if (s != nullptr) s->on_reset(Error{ErrorCode::kReset, 0, "the guest broke the stream"});
+    return;
+  }
   if (s != nullptr) s->on_reset(error);
 }
 

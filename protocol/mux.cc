@@ -263,11 +263,17 @@ Result<Mux::Stream*> Mux::admit_data(FrameType type, StreamId id, uint32_t lengt
     if (!known) return bad("stream was never opened");
     return nullptr;  // raced a local reset
   }
-  if (s->fin_received) return bad("data after FIN");
+  if (s->fin_received) {
+    stream_error(*s, Error{ErrorCode::kProtocol, 0,
+                           fmt::format("{} frame on stream {} with length {}: data after FIN",
+                                       frame_type_name(type), id, length)});
+    return nullptr;
+  }
   if (length > s->recv_window) {
-    return Error{
-        ErrorCode::kFlowControl, 0,
-        fmt::format("stream {} sent {} bytes with only {} bytes of credit", id, length, s->recv_window)};
+    stream_error(*s, Error{ErrorCode::kFlowControl, 0,
+                           fmt::format("stream {} sent {} bytes with only {} bytes of credit", id, length,
+                                       s->recv_window)});
+    return nullptr;
   }
   s->recv_window -= length;
   return s;
@@ -373,10 +379,15 @@ Status Mux::on_frame_payload(std::span<const std::byte> payload) {
       Stream* s = find(h.stream_id);
       if (s == nullptr) return {};
       const uint32_t increment = load_u32(payload.data());
-      if (increment == 0) return Error{ErrorCode::kProtocol, 0, "WINDOW_UPDATE of 0 bytes"};
+      if (increment == 0) {
+        stream_error(
+            *s, Error{ErrorCode::kProtocol, 0, fmt::format("WINDOW_UPDATE of 0 bytes on stream {}", s->id)});
+        return {};
+      }
       s->send_credit += increment;
       if (s->send_credit > kMaxCredit) {
-        return Error{ErrorCode::kFlowControl, 0, fmt::format("stream {} credit overflow", s->id)};
+        stream_error(*s, Error{ErrorCode::kFlowControl, 0, fmt::format("stream {} credit overflow", s->id)});
+        return {};
       }
       update(*s);
       return {};
@@ -384,8 +395,10 @@ Status Mux::on_frame_payload(std::span<const std::byte> payload) {
     case FrameType::kFin: {
       Stream* s = find(h.stream_id);
       if (s == nullptr) return {};
-      if (s->fin_received)
-        return Error{ErrorCode::kProtocol, 0, fmt::format("second FIN on stream {}", s->id)};
+      if (s->fin_received) {
+        stream_error(*s, Error{ErrorCode::kProtocol, 0, fmt::format("second FIN on stream {}", s->id)});
+        return {};
+      }
       s->fin_received = true;
       handler_.on_fin(h.stream_id);
       // The handler may have ended the stream and flushed the transport, which reaps it: look it up again.
@@ -792,13 +805,25 @@ void Mux::shutdown_write(StreamId id) {
 void Mux::reset(StreamId id, const std::string& reason) {
   Stream* s = find(id);
   if (s == nullptr) return;
+  queue_rst(id, reason);
+  ++counters_.streams_reset;
+  close_stream(*s, nullptr);
+}
+
+// The peer broke one stream's credit or FIN bookkeeping in a well-formed frame: that stream alone is reset
+// on both sides (its bytes dropped, the peer told why); the framing is intact, so the others carry on.
+void Mux::stream_error(Stream& s, Error error) {
+  ++counters_.stream_errors;
+  queue_rst(s.id, error.to_string());
+  close_stream(s, &error);
+}
+
+void Mux::queue_rst(StreamId id, const std::string& reason) {
   const std::string message = reason.substr(0, kMaxRstMessage);
   OutFrame& f = queue_frame(FrameType::kRst, id, static_cast<uint32_t>(4 + message.size()));
   f.owned.resize(4 + message.size());
   store_u32(f.owned.data(), 0);
   std::memcpy(f.owned.data() + 4, message.data(), message.size());
-  ++counters_.streams_reset;
-  close_stream(*s, nullptr);
 }
 
 void Mux::send_control(const flatbuffers::FlatBufferBuilder& built) { queue_control(0, built); }

@@ -95,6 +95,7 @@ struct MuxCounters {
   uint64_t resync_skipped = 0;                         // stale bytes skipped before the peer's HELLO
   uint64_t bytes_out_by_ref = 0, bytes_in_by_ref = 0;  // DATA bytes that went as DATA_REF (in bytes_out/in)
   uint64_t unknown_releases = 0;                       // RELEASEs of loans not outstanding; ignored
+  uint64_t stream_errors = 0;  // streams the peer broke (credit, FIN) and we reset; the connection went on
 };
 
 // What the mux tells the application. Callbacks may call back into the Mux.
@@ -133,7 +134,8 @@ class Mux {
 
   // ---- transport side ----
   // Feeds bytes received from the transport, in any split. A returned error is fatal for the connection:
-  // log it and close the transport.
+  // log it and close the transport. A well-formed frame that breaks one stream's credit or FIN rules is
+  // not: that stream is reset on both sides (on_reset names the violation) and the others go on.
   Status feed(const Slice& bytes);
   // Fills `out` with gather-write vectors for what is ready to send; returns how many were filled.
   // The memory stays valid until consume_output() covers it.
@@ -218,7 +220,8 @@ class Mux {
   Status handle_open(StreamId id, const wire::Open* open);
   void deliver_data(Slice piece);
   // Checks a DATA or DATA_REF of `length` bytes on stream `id` and takes its credit. Null with success:
-  // the stream raced a local reset and the bytes are dropped.
+  // the bytes are dropped, because the stream raced a local reset or because they broke its credit or
+  // came after its FIN (the stream is then reset, see stream_error).
   Result<Stream*> admit_data(FrameType type, StreamId id, uint32_t length);
   Status handle_data_ref(StreamId id, std::span<const std::byte> payload);
   void handle_release(std::span<const std::byte> payload);
@@ -234,6 +237,8 @@ class Mux {
   size_t capacity_of(const Stream& s) const;
   void note_starved(const Stream& s) const;
   void close_stream(Stream& s, const Error* error);
+  void stream_error(Stream& s, Error error);
+  void queue_rst(StreamId id, const std::string& reason);
   void fail(Error error);
   OutFrame& queue_frame(FrameType type, StreamId id, uint32_t length);
   void queue_small(FrameType type, StreamId id, std::span<const std::byte> payload);

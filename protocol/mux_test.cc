@@ -643,6 +643,70 @@ TEST_P(MalformedInput, IsAConnectionErrorWithAReason) {
   EXPECT_FALSE(guest.feed(testing::to_slice(pool, "x")).ok());
 }
 
+// A well-formed frame that breaks one stream's credit or FIN rules: that stream is reset, the peer hears
+// why in an RST, and the connection and its other streams go on.
+struct StreamViolation {
+  const char* name;
+  std::string bytes;  // on stream 1, after HELLO and the OPENs of streams 1 and 3
+  const char* expect;
+};
+
+std::string u32_bytes(uint32_t v) {
+  std::string b(4, '\0');
+  store_u32(reinterpret_cast<std::byte*>(b.data()), v);
+  return b;
+}
+
+class StreamViolationInput : public ::testing::TestWithParam<StreamViolation> {};
+
+TEST_P(StreamViolationInput, ResetsThatStreamAloneAndTellsThePeerWhy) {
+  const StreamViolation& v = GetParam();
+  BufferPool pool(1 << 20, 4);
+  testing::RecordingHandler h;
+  MuxConfig config;
+  config.initial_window = 256 * 1024;
+  Mux guest(Role::kGuest, h, config);
+  h.mux = &guest;
+  h.auto_consume = false;  // no credit returns: the flow-control case must overrun the window
+  const std::string input = hello_bytes() + open_frame(1) + open_frame(3) + v.bytes + header(4, 3, 1) +
+                            "good" + header(5, 1, 1) + "late!";
+  for (size_t off = 0; off < input.size(); off += 1 << 20) {
+    const Status st = guest.feed(testing::to_slice(pool, std::string_view(input).substr(off, 1 << 20)));
+    ASSERT_TRUE(st.ok()) << v.name << ": " << st.error().to_string();
+  }
+  ASSERT_EQ(h.count("reset"), 1u) << v.name;
+  const auto reset =
+      std::find_if(h.events.begin(), h.events.end(), [](auto& e) { return e.kind == "reset"; });
+  EXPECT_EQ(reset->id, 1u);
+  EXPECT_NE(reset->text.find(v.expect), std::string::npos) << reset->text;
+  EXPECT_EQ(guest.counters().stream_errors, 1u);
+  // The other stream still carries bytes; the broken one's later bytes are dropped.
+  EXPECT_EQ(h.data_of(3), "good");
+  EXPECT_EQ(h.data_of(1).find("late!"), std::string::npos);
+  EXPECT_FALSE(guest.failure().has_value());
+  // The peer is told which stream and why.
+  const std::string out = testing::drain(guest);
+  const std::string rst = header(0, 1, 5).substr(4, 5);  // stream 1, type RST
+  const size_t at = out.find(rst);
+  ASSERT_NE(at, std::string::npos);
+  EXPECT_NE(out.find(v.expect, at), std::string::npos);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Classes, StreamViolationInput,
+    ::testing::Values(
+        StreamViolation{
+            "flow_control",
+            header(200000, 1, 1) + std::string(200000, 'a') + header(200000, 1, 1) + std::string(200000, 'a'),
+            "bytes of credit"},
+        StreamViolation{"data_after_fin", header(0, 1, 4) + header(1, 1, 1) + "x", "data after FIN"},
+        StreamViolation{"double_fin", header(0, 1, 4) + header(0, 1, 4), "second FIN"},
+        StreamViolation{"window_update_zero", header(4, 1, 3) + u32_bytes(0), "WINDOW_UPDATE of 0 bytes"},
+        StreamViolation{"window_update_overflow",
+                        header(4, 1, 3) + u32_bytes(0x7fffffff) + header(4, 1, 3) + u32_bytes(0x7fffffff),
+                        "credit overflow"}),
+    [](const ::testing::TestParamInfo<StreamViolation>& param) { return std::string(param.param.name); });
+
 // Token handshake (unix and TCP transports): the guest answers only a HELLO with its token.
 TEST(MuxToken, MatchingTokenCompletesTheHandshake) {
   BufferPool pool{256 * 1024, 64};
@@ -701,16 +765,6 @@ INSTANTIATE_TEST_SUITE_P(
         Malformed{"open_with_guest_id", open_frame(2), "invalid stream id"},
         Malformed{"open_reused_id", open_frame(1) + open_frame(1), "invalid stream id"},
         Malformed{"window_update_size", open_frame(1) + header(2, 1, 3) + "ab", "4-byte increment"},
-        Malformed{"window_update_zero", open_frame(1) + header(4, 1, 3) + std::string(4, '\0'), "of 0 bytes"},
-        Malformed{"flow_control",
-                  open_frame(1) + header(200000, 1, 1) + std::string(200000, 'a') + header(200000, 1, 1) +
-                      std::string(200000, 'a') + header(200000, 1, 1) + std::string(200000, 'a') +
-                      header(200000, 1, 1) + std::string(200000, 'a') + header(200000, 1, 1) +
-                      std::string(200000, 'a') + header(200000, 1, 1),
-                  "credit"},
-        Malformed{"data_after_fin", open_frame(1) + header(0, 1, 4) + header(1, 1, 1) + "x",
-                  "data after FIN"},
-        Malformed{"double_fin", open_frame(1) + header(0, 1, 4) + header(0, 1, 4), "second FIN"},
         Malformed{"ping_size", header(3, 0, 6) + "abc", "8-byte token"},
         Malformed{"rst_short", open_frame(1) + header(2, 1, 5) + "ab", "malformed RST"},
         Malformed{"goaway_on_stream",

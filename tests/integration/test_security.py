@@ -45,6 +45,14 @@ STREAM_CASES = {
     "ports-from-host": None,
     "file-events-bad-paths": "file events: refused path '../escape'",
     "ping-flood": None,
+    # A stream's own credit or FIN rules broken: that stream alone is reset.
+    "data-beyond-window": re.compile(r"the host broke the stream, reset it: flow-control violation: stream \d+ sent "
+                                     r"\d+ bytes with only \d+ bytes of credit"),
+    "window-update-overflow": re.compile(r"the host broke the stream, reset it: flow-control violation: stream \d+ "
+                                         r"credit overflow"),
+    "window-update-zero": re.compile(r"the host broke the stream, reset it: protocol error: WINDOW_UPDATE of 0 bytes "
+                                     r"on stream \d+"),
+    "fin-twice": re.compile(r"the host broke the stream, reset it: protocol error: second FIN on stream \d+"),
 }
 CONNECTION_CASES = {
     "unknown-frame-type": "host connection failed: protocol error: unknown frame type 42",
@@ -54,11 +62,6 @@ CONNECTION_CASES = {
     "truncated-header-then-close": None,  # the tool hangs up; "host closed the connection" at info
     "data-on-unknown-stream": "DATA frame on stream 1001 with length 8: stream was never opened",
     "data-ref-without-shared-memory": "with length 12: no shared memory was agreed in HELLO",
-    "data-beyond-window": re.compile(r"host connection failed: flow-control violation: stream \d+ sent \d+ bytes "
-                                     r"with only \d+ bytes of credit"),
-    "window-update-overflow": "host connection failed: flow-control violation: stream 1 credit overflow",
-    "window-update-zero": "host connection failed: protocol error: WINDOW_UPDATE of 0 bytes",
-    "fin-twice": re.compile(r"host connection failed: protocol error: second FIN on stream \d+"),
     "control-garbage": "host connection failed: protocol error: malformed CONTROL message on stream 0",
     "open-wrong-parity": "host connection failed: protocol error: OPEN with invalid stream id 2;",
     "open-duplicate-id": "host connection failed: protocol error: OPEN with invalid stream id 1;",
@@ -151,10 +154,6 @@ HOST_CONNECTION_CASES = {
     "data-over-max-frame": "length 2147483647: larger than the announced max frame size",
     "data-on-unknown-stream": "DATA frame on stream 1000 with length 8: stream was never opened",
     "data-ref-without-shared-memory": "with length 12: no shared memory was agreed in HELLO",
-    "data-beyond-window": re.compile(r"flow-control violation: stream \d+ sent \d+ bytes with only \d+ bytes"),
-    "window-update-overflow": re.compile(r"flow-control violation: stream \d+ credit overflow"),
-    "window-update-zero": "protocol error: WINDOW_UPDATE of 0 bytes",
-    "fin-twice": re.compile(r"protocol error: second FIN on stream \d+"),
     "open-wrong-parity": "protocol error: OPEN with invalid stream id 1001",
     "open-duplicate-id": "protocol error: OPEN with invalid stream id 2\n",
     "open-without-target": "protocol error: OPEN without a target",
@@ -162,6 +161,16 @@ HOST_CONNECTION_CASES = {
 }
 HOST_STREAM_CASES = ["open-unexposed-name", "open-overlong-target", "open-nul-in-target", "rst-unknown-stream",
                      "ports-bad-contents", "file-events-from-guest", "ping-flood"]
+# What the host agent logs, once, when a fake guest breaks one stream's credit or FIN rules.
+HOST_BROKEN_STREAM_CASES = {
+    "data-beyond-window": re.compile(r"the guest broke the stream, reset it: flow-control violation: stream \d+ sent "
+                                     r"\d+ bytes with only \d+ bytes of credit"),
+    "window-update-overflow": re.compile(r"the guest broke the stream, reset it: flow-control violation: stream \d+ "
+                                         r"credit overflow"),
+    "window-update-zero": re.compile(r"the guest broke the stream, reset it: protocol error: WINDOW_UPDATE of 0 "
+                                     r"bytes on stream \d+"),
+    "fin-twice": re.compile(r"the guest broke the stream, reset it: protocol error: second FIN on stream \d+"),
+}
 
 
 class HostileGuestTest(FixtureTestCase):
@@ -176,10 +185,13 @@ class HostileGuestTest(FixtureTestCase):
         self.assertEqual(tool.wait_exit(300), 0, tool.logs() + host.process.logs())
         report = tool.stdout()
         lines = {line.split()[0]: line for line in report.splitlines() if line and not line[0].isdigit()}
-        for case in HOST_STREAM_CASES + list(HOST_CONNECTION_CASES):
+        for case in HOST_STREAM_CASES + list(HOST_BROKEN_STREAM_CASES) + list(HOST_CONNECTION_CASES):
             self.assertIn(case, lines, report)
             self.assertTrue(lines[case].endswith(": PASS"), lines[case])
         log = host.process.output()
+        for case, pattern in HOST_BROKEN_STREAM_CASES.items():
+            self.assertIn("the good stream still echoes", lines[case])
+            self.assertEqual(count(pattern, log), 1, f"{case}: {pattern!r} in the host log:\n{log[-6000:]}")
         # One "lost" line per dropped connection (the client streams it cut say so at info level too).
         lost = "".join(line + "\n" for line in log.splitlines() if "lost the guest agent at" in line)
         for case, pattern in HOST_CONNECTION_CASES.items():

@@ -339,6 +339,7 @@ class Tester {
   ~Tester() {
     if (listen_fd_ >= 0) ::close(listen_fd_);
     if (client_fd_ >= 0) ::close(client_fd_);
+    for (const int fd : victim_fds_) ::close(fd);
   }
 
   bool fake_guest() const { return !options_.serve_guest.empty(); }
@@ -370,6 +371,8 @@ class Tester {
   bool fresh_guest_session(std::string* error) {
     if (client_fd_ >= 0) ::close(client_fd_);
     client_fd_ = -1;
+    for (const int fd : victim_fds_) ::close(fd);
+    victim_fds_.clear();
     conn_.reset();
     pollfd p{listen_fd_, POLLIN, 0};
     if (::poll(&p, 1, 10000) <= 0) {
@@ -391,27 +394,10 @@ class Tester {
     next_id_ = 2;
     expected_.clear();
     probes_ = 0;
-    client_paused_ = false;
-    client_fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_un sun{};
-    sun.sun_family = AF_UNIX;
-    std::strncpy(sun.sun_path, options_.client_socket.c_str(), sizeof(sun.sun_path) - 1);
-    if (::connect(client_fd_, reinterpret_cast<sockaddr*>(&sun), sizeof sun) != 0) {
-      *error = fmt::format("connect {}: {}", options_.client_socket, std::strerror(errno));
-      return false;
-    }
-    ::fcntl(client_fd_, F_SETFL, O_NONBLOCK);
-    const size_t before = conn_->opens().size();
-    if (!conn_->wait([&] { return conn_->opens().size() > before || conn_->closed(); }) ||
-        conn_->opens().size() == before) {
-      *error = "the host agent opened no stream for a client of " + options_.client_socket;
-      return false;
-    }
-    good_ = conn_->opens().back();
+    const auto good = client_stream(&client_fd_, error);
+    if (!good) return false;
+    good_ = *good;
     conn_->stream(good_).echo = true;
-    flatbuffers::FlatBufferBuilder b(32);
-    b.Finish(wire::CreateControl(b, wire::Message::OpenOk, wire::CreateOpenOk(b).Union()));
-    conn_->send(frame(FrameType::kControl, good_, control(b)));
     if (!echoes()) {
       *error = "the client stream through the host agent does not echo";
       return false;
@@ -419,8 +405,50 @@ class Tester {
     return true;
   }
 
-  // Stops reading the client socket, so the host agent stops returning credit on the good stream.
-  void stop_reading_client() { client_paused_ = true; }
+  // Fake-guest mode: connects a client to the host agent's socket (into *fd) and accepts the stream the
+  // host opens for it; returns its id.
+  std::optional<StreamId> client_stream(int* fd, std::string* error) {
+    *fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_un sun{};
+    sun.sun_family = AF_UNIX;
+    std::strncpy(sun.sun_path, options_.client_socket.c_str(), sizeof(sun.sun_path) - 1);
+    if (::connect(*fd, reinterpret_cast<sockaddr*>(&sun), sizeof sun) != 0) {
+      *error = fmt::format("connect {}: {}", options_.client_socket, std::strerror(errno));
+      return std::nullopt;
+    }
+    ::fcntl(*fd, F_SETFL, O_NONBLOCK);
+    const size_t before = conn_->opens().size();
+    if (!conn_->wait([&] { return conn_->opens().size() > before || conn_->closed(); }) ||
+        conn_->opens().size() == before) {
+      *error = "the host agent opened no stream for a client of " + options_.client_socket;
+      return std::nullopt;
+    }
+    const StreamId id = conn_->opens().back();
+    flatbuffers::FlatBufferBuilder b(32);
+    b.Finish(wire::CreateControl(b, wire::Message::OpenOk, wire::CreateOpenOk(b).Union()));
+    conn_->send(frame(FrameType::kControl, id, control(b)));
+    return id;
+  }
+
+  // A stream besides the good one, for a case that breaks a stream's rules: fake-host mode opens one to
+  // the echo target, fake-guest mode accepts one for a second client (which never reads). 0 on failure.
+  StreamId victim_stream(std::string* bad) {
+    if (fake_guest()) {
+      int fd = -1;
+      const auto id = client_stream(&fd, bad);
+      if (fd >= 0) victim_fds_.push_back(fd);
+      return id.value_or(0);
+    }
+    const StreamId id = new_id();
+    conn_->send(frame(FrameType::kControl, id, open_payload(wire::Proto::Unix, options_.echo_target)));
+    if (!conn_->wait(
+            [&] { return conn_->stream(id).open_ok || conn_->stream(id).open_fail || conn_->closed(); }) ||
+        !conn_->stream(id).open_ok) {
+      *bad = "the echo target did not open a second stream";
+      return 0;
+    }
+    return id;
+  }
 
   // Connects, says HELLO, opens the good stream and checks one echo.
   bool fresh_host_session(std::string* error) {
@@ -466,7 +494,6 @@ class Tester {
 
   // Fake-guest mode: a probe written by the client comes back to it through host agent and fake guest.
   bool client_echoes() {
-    if (client_paused_) return false;
     const std::string probe = fmt::format("probe {}\n", ++probes_);
     if (::send(client_fd_, probe.data(), probe.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(probe.size())) {
       return false;
@@ -493,7 +520,7 @@ class Tester {
   std::unique_ptr<Conn> conn_;
   int listen_fd_ = -1;
   int client_fd_ = -1;
-  bool client_paused_ = false;
+  std::vector<int> victim_fds_;  // fake-guest mode: clients of victim streams, never read
   StreamId good_ = kGood;
   StreamId next_id_ = 3;
   int probes_ = 0;
@@ -526,6 +553,26 @@ std::string expect_open_fail(Tester& t, StreamId id, std::string* bad) {
   return "";
 }
 
+// Waits for the agent's RST on stream `id`, whose rules the case broke: that stream alone is reset.
+std::string expect_rst(Tester& t, StreamId id, std::string* bad) {
+  Conn& c = t.conn();
+  c.wait([&] { return c.closed() || c.stream(id).rst.has_value(); });
+  if (c.stream(id).rst) return fmt::format("RST \"{}\"", shown(*c.stream(id).rst));
+  *bad =
+      c.closed() ? "the agent dropped the connection: " + c.close_reason() : "no RST for the broken stream";
+  return "";
+}
+
+// A case that breaks a victim stream's credit or FIN rules with `bytes(id)`; the agent must reset it alone.
+std::function<std::string(Tester&, std::string*)> breaks_a_stream(std::string (*bytes)(StreamId)) {
+  return [bytes](Tester& t, std::string* bad) {
+    const StreamId id = t.victim_stream(bad);
+    if (id == 0) return std::string();
+    t.conn().send(bytes(id));
+    return expect_rst(t, id, bad);
+  };
+}
+
 // An RST for a stream nobody opened: both agents ignore it.
 std::string send_rst_for_unknown_stream(Tester& t, StreamId id) {
   t.conn().send(frame(FrameType::kRst, id, u32(0) + "no such stream"));
@@ -546,6 +593,21 @@ std::string send_bad_ports(Tester& t, bool snapshot) {
   t.conn().send(frame(FrameType::kControl, 0, control(b)));
   t.conn().settle(milliseconds(100));
   return "ignored it";
+}
+
+// Credit and FIN rules broken on a stream besides the good one, in either mode.
+std::vector<Case> stream_rule_cases() {
+  std::vector<Case> all;
+  all.push_back({"window-update-overflow", Expect::kKept, breaks_a_stream([](StreamId id) {
+                   return frame(FrameType::kWindowUpdate, id, u32(0x7fffffff)) +
+                          frame(FrameType::kWindowUpdate, id, u32(0x7fffffff));
+                 })});
+  all.push_back({"window-update-zero", Expect::kKept,
+                 breaks_a_stream([](StreamId id) { return frame(FrameType::kWindowUpdate, id, u32(0)); })});
+  all.push_back({"fin-twice", Expect::kKept, breaks_a_stream([](StreamId id) {
+                   return frame(FrameType::kFin, id, "") + frame(FrameType::kFin, id, "");
+                 })});
+  return all;
 }
 
 std::vector<Case> cases() {
@@ -632,6 +694,26 @@ std::vector<Case> cases() {
                    }
                    return fmt::format("answered all {} PINGs", n);
                  }});
+  // ---- stream-level, a stream's own credit or FIN rules broken: the agent resets that stream alone ----
+  all.push_back({"data-beyond-window", Expect::kKept,
+                 [](Tester& t, std::string* bad) {
+                   const StreamId id = t.new_id();
+                   t.conn().send(frame(FrameType::kControl, id,
+                                       open_payload(wire::Proto::Unix, t.options().stall_target)));
+                   // The stalled socket takes a few hundred KiB; 4 MiB of credit plus 4 MiB more must
+                   // overflow.
+                   const uint32_t window = t.conn().peer()->initial_window;
+                   const std::string chunk(64 * 1024, 'w');
+                   for (uint64_t sent = 0; sent < uint64_t(window) + (4u << 20) && !t.conn().closed() &&
+                                           !t.conn().stream(id).rst;
+                        sent += chunk.size()) {
+                     t.conn().send(frame(FrameType::kData, id, chunk));
+                     t.conn().settle(milliseconds(1));
+                   }
+                   return expect_rst(t, id, bad);
+                 },
+                 [](const Options& o) { return !o.stall_target.empty(); }});
+  for (Case c : stream_rule_cases()) all.push_back(std::move(c));
   // ---- connection-level: the agent drops this connection, logs why, and takes a new one ----
   all.push_back({"unknown-frame-type", Expect::kDropped, [](Tester& t, std::string*) {
                    t.conn().send(frame(FrameType::kData, kGood, "x", 0, 42));
@@ -664,39 +746,6 @@ std::vector<Case> cases() {
                  }});
   all.push_back({"data-ref-without-shared-memory", Expect::kDropped, [](Tester& t, std::string*) {
                    t.conn().send(frame(FrameType::kDataRef, kGood, std::string(kDataRefPayloadSize, '\0')));
-                   return std::string();
-                 }});
-  all.push_back({"data-beyond-window", Expect::kDropped,
-                 [](Tester& t, std::string*) {
-                   const StreamId id = t.new_id();
-                   t.conn().send(frame(FrameType::kControl, id,
-                                       open_payload(wire::Proto::Unix, t.options().stall_target)));
-                   // The stalled socket takes a few hundred KiB; 4 MiB of credit plus 4 MiB more must
-                   // overflow.
-                   const uint32_t window = t.conn().peer()->initial_window;
-                   const std::string chunk(64 * 1024, 'w');
-                   for (uint64_t sent = 0; sent < uint64_t(window) + (4u << 20) && !t.conn().closed();
-                        sent += chunk.size()) {
-                     t.conn().send(frame(FrameType::kData, id, chunk));
-                     t.conn().settle(milliseconds(1));
-                   }
-                   return std::string();
-                 },
-                 [](const Options& o) { return !o.stall_target.empty(); }});
-  all.push_back({"window-update-overflow", Expect::kDropped, [](Tester& t, std::string*) {
-                   t.conn().send(frame(FrameType::kWindowUpdate, kGood, u32(0x7fffffff)) +
-                                 frame(FrameType::kWindowUpdate, kGood, u32(0x7fffffff)));
-                   return std::string();
-                 }});
-  all.push_back({"window-update-zero", Expect::kDropped, [](Tester& t, std::string*) {
-                   t.conn().send(frame(FrameType::kWindowUpdate, kGood, u32(0)));
-                   return std::string();
-                 }});
-  all.push_back({"fin-twice", Expect::kDropped, [](Tester& t, std::string*) {
-                   const StreamId id = t.new_id();
-                   t.conn().send(frame(FrameType::kControl, id,
-                                       open_payload(wire::Proto::Unix, t.options().echo_target)));
-                   t.conn().send(frame(FrameType::kFin, id, "") + frame(FrameType::kFin, id, ""));
                    return std::string();
                  }});
   all.push_back({"control-garbage", Expect::kDropped, [](Tester& t, std::string*) {
@@ -777,26 +826,21 @@ std::vector<Case> guest_cases() {
   all.push_back({"data-ref-without-shared-memory", Expect::kDropped, on_good([](StreamId id) {
                    return frame(FrameType::kDataRef, id, std::string(kDataRefPayloadSize, '\0'));
                  })});
-  all.push_back({"data-beyond-window", Expect::kDropped, [](Tester& t, std::string*) {
-                   t.stop_reading_client();
+  // The victim's client never reads: the host agent stops returning credit once its socket is full.
+  all.push_back({"data-beyond-window", Expect::kKept, [](Tester& t, std::string* bad) {
+                   const StreamId id = t.victim_stream(bad);
+                   if (id == 0) return std::string();
                    const uint32_t window = t.conn().peer()->initial_window;
                    const std::string chunk(64 * 1024, 'w');
-                   for (uint64_t sent = 0; sent < uint64_t(window) + (4u << 20) && !t.conn().closed();
+                   for (uint64_t sent = 0; sent < uint64_t(window) + (4u << 20) && !t.conn().closed() &&
+                                           !t.conn().stream(id).rst;
                         sent += chunk.size()) {
-                     t.conn().send(frame(FrameType::kData, t.good(), chunk));
+                     t.conn().send(frame(FrameType::kData, id, chunk));
                      t.conn().settle(milliseconds(1));
                    }
-                   return std::string();
+                   return expect_rst(t, id, bad);
                  }});
-  all.push_back({"window-update-overflow", Expect::kDropped, on_good([](StreamId id) {
-                   return frame(FrameType::kWindowUpdate, id, u32(0x7fffffff)) +
-                          frame(FrameType::kWindowUpdate, id, u32(0x7fffffff));
-                 })});
-  all.push_back({"window-update-zero", Expect::kDropped,
-                 on_good([](StreamId id) { return frame(FrameType::kWindowUpdate, id, u32(0)); })});
-  all.push_back({"fin-twice", Expect::kDropped, on_good([](StreamId id) {
-                   return frame(FrameType::kFin, id, "") + frame(FrameType::kFin, id, "");
-                 })});
+  for (Case c : stream_rule_cases()) all.push_back(std::move(c));
   all.push_back({"open-wrong-parity", Expect::kDropped, on_good([](StreamId) {
                    return frame(FrameType::kControl, 1001, open_payload(wire::Proto::Unix, "not-exposed"));
                  })});
