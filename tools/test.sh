@@ -85,9 +85,10 @@ if [[ "${VBRIDGE_TEST_SKIP_ASAN:-0}" != 1 ]]; then
   unset ASAN_OPTIONS UBSAN_OPTIONS
 fi
 
-# Neither agent has a thread (one libuv loop, one io_uring loop; no std::thread, uv_queue_work or pthread),
-# so TSan runs what does: the unit tests, the guest agent suite (its fake servers are threads), and
-# vbridge-soak's churn threads under the fault and load suites, with the agents instrumented too.
+# The agents' one thread besides their loops is the host's bulk reader (host/bulk_reader.h; the guest's
+# offloaded writes run on the kernel's io_uring workers). TSan runs what has threads: the unit tests (the
+# bulk reader's own), the guest agent suite (its fake servers are threads), and vbridge-soak's churn threads
+# under the fault and load suites, with the agents instrumented too.
 if [[ "${VBRIDGE_TEST_SKIP_TSAN:-0}" != 1 ]]; then
   step "configure build-tsan/ (ThreadSanitizer)"
   configure build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DVBRIDGE_WERROR=ON -DVBRIDGE_TSAN=ON -DVBRIDGE_BENCH=ON
