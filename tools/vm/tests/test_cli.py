@@ -140,6 +140,33 @@ class BadInput(CliTest):
         self.assertEqual((r.returncode, r.stdout.strip()), (0, "vbridge: instance never is not up"))
 
 
+def all_pids() -> list[int]:
+    return [int(e) for e in os.listdir("/proc") if e.isdigit()]
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def is_shim_of(pid: int, containerd_socket: str) -> bool:
+    argv = cmdline(pid)
+    return bool(argv) and os.path.basename(argv[0]).startswith("containerd-shim") and containerd_socket in argv
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for child in all_pids():
+        try:
+            if int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(child)
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
 def running(pid: int) -> bool:
     """Alive and not a zombie (an exited process waits for PID 1 to reap it)."""
     try:
@@ -171,6 +198,21 @@ class LocalInstances(CliTest):
     def docker(self, context: str, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["docker", "--context", context, *args], capture_output=True, text=True,
                               env=self.env, timeout=120)
+
+    def test_down_stops_running_containers(self) -> None:
+        self.up("c")
+        # PID 1 in its container, `sleep` ignores SIGTERM: only a SIGKILL through containerd stops it.
+        r = self.docker("vbridge-c", "run", "-d", "vbridge-busybox", "sleep", "1000")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        containerd_socket = str(self.runtime / "c" / "guest" / "ctd" / "containerd.sock")
+        shims = [pid for pid in all_pids() if is_shim_of(pid, containerd_socket)]
+        self.assertEqual(len(shims), 1, f"shims of {containerd_socket}")
+        container = children_of(shims[0])
+        self.assertTrue(container, "the container's process")
+        r = self.vbridge("down", "--instance", "c")
+        self.assertEqual((r.returncode, r.stdout.strip()), (0, "vbridge: instance c is down"), r.stderr)
+        for pid in shims + container:
+            self.assertFalse(running(pid), f"pid {pid} (shim or container) outlived vbridge down")
 
     def test_two_instances_side_by_side(self) -> None:
         a = self.up("a")
