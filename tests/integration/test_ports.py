@@ -29,11 +29,11 @@ def connects(host: str, port: int, family: int = socket.AF_INET) -> bool:
             return False
 
 
-def udp_refused(port: int) -> bool:
-    """True if a datagram to 127.0.0.1:port meets no socket there (the ICMP error comes back as ECONNREFUSED)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+def udp_refused(port: int, host: str = "127.0.0.1") -> bool:
+    """True if a datagram to host:port meets no socket there (the ICMP error comes back as ECONNREFUSED)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(1)
-        s.connect(("127.0.0.1", port))
+        s.connect((host, port))
         s.send(b"?")
         try:
             s.recv(16)
@@ -172,6 +172,25 @@ class PortForwardTest(FixtureTestCase):
                 echoed = s.recv(70000)
                 self.assertEqual(len(echoed), size, f"datagram {i} of {size} bytes came back as {len(echoed)}")
                 self.assertEqual(echoed, payload)
+
+    def test_udp_over_ipv6(self) -> None:
+        port = 15301
+        echo = self.netns.spawn(self.workdir, "socat-echo6",
+                                ["socat", "-b65536", f"UDP6-LISTEN:{port},fork,reuseaddr,ipv6only=1", "PIPE"])
+        self.addCleanup(self.stop_with_children, echo)
+        self.wait_guest_listening(port, "udp")
+        # The gap: nothing answers on the host's own ::1.
+        self.assertTrue(udp_refused(port, "::1"))
+        self.start_host()
+        wait_for(lambda: any(p["proto"] == "udp" and p["host"] == f"[::1]:{port}" and p["ok"]
+                             for p in host_ports(self.host)), 5, "the UDP port on the host's ::1")
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.settimeout(5)
+            s.connect(("::1", port))
+            for i, size in enumerate([1, 1400, 9000, 65000]):
+                payload = bytes([i + 1]) * size
+                s.send(payload)
+                self.assertEqual(s.recv(70000), payload, f"datagram {i} of {size} bytes over IPv6")
 
     def test_thousand_ports_converge(self) -> None:
         script = (
