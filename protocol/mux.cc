@@ -19,14 +19,14 @@ constexpr size_t kMaxSpareFrames = 256;
 }  // namespace
 
 struct Mux::Stream {
-  StreamId id;
-  StreamPhase phase;
+  StreamId id = 0;
+  StreamPhase phase = StreamPhase::kOpening;
   bool fin_queued = false;           // the application asked for shutdown_write
   bool fin_sent = false;             // our FIN frame is queued for the transport
   bool fin_received = false;         // the peer's FIN arrived
   bool in_ready = false;             // present in ready_
-  uint64_t send_credit;              // bytes the peer still lets us send
-  uint64_t recv_window;              // bytes the peer may still send us
+  uint64_t send_credit = 0;          // bytes the peer still lets us send
+  uint64_t recv_window = 0;          // bytes the peer may still send us
   uint64_t recv_unacked = 0;         // consumed bytes not yet returned as credit
   std::deque<PendingBytes> pending;  // bytes queued by send()/send_piped(), not yet framed
   uint64_t pending_bytes = 0;
@@ -57,8 +57,11 @@ const char* stream_state_name(StreamState state) {
 }
 
 Mux::Mux(Role role, MuxHandler& handler, MuxConfig config)
-    : role_(role), handler_(handler), config_(config), next_local_id_(role == Role::kHost ? 1 : 2) {
-  hunting_ = config_.resync;
+    : role_(role),
+      handler_(handler),
+      config_(std::move(config)),
+      hunting_(config_.resync),
+      next_local_id_(role == Role::kHost ? 1 : 2) {
   if (config_.shared != nullptr) {
     config_.features |= kFeatureSharedMemory;
     shared_generation_ = config_.shared->new_generation();
@@ -812,7 +815,7 @@ void Mux::reset(StreamId id, const std::string& reason) {
 
 // The peer broke one stream's credit or FIN bookkeeping in a well-formed frame: that stream alone is reset
 // on both sides (its bytes dropped, the peer told why); the framing is intact, so the others carry on.
-void Mux::stream_error(Stream& s, Error error) {
+void Mux::stream_error(Stream& s, const Error& error) {
   ++counters_.stream_errors;
   queue_rst(s.id, error.to_string());
   close_stream(s, &error);

@@ -237,7 +237,7 @@ class Mux {
   size_t capacity_of(const Stream& s) const;
   void note_starved(const Stream& s) const;
   void close_stream(Stream& s, const Error* error);
-  void stream_error(Stream& s, Error error);
+  void stream_error(Stream& s, const Error& error);
   void queue_rst(StreamId id, const std::string& reason);
   void fail(Error error);
   OutFrame& queue_frame(FrameType type, StreamId id, uint32_t length);
