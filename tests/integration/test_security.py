@@ -32,6 +32,19 @@ while True:
     held.append(s.accept()[0])
 """
 
+
+def broken_stream_lines(peer: str) -> dict:
+    """The one log line per case where `peer` broke a stream's credit or FIN rules."""
+    said = rf"the {peer} broke the stream, reset it: "
+    return {
+        "data-beyond-window": re.compile(said + r"flow-control violation: stream \d+ sent \d+ bytes with only \d+ "
+                                        r"bytes of credit"),
+        "window-update-overflow": re.compile(said + r"flow-control violation: stream \d+ credit overflow"),
+        "window-update-zero": re.compile(said + r"protocol error: WINDOW_UPDATE of 0 bytes on stream \d+"),
+        "fin-twice": re.compile(said + r"protocol error: second FIN on stream \d+"),
+    }
+
+
 # Stream-level cases: refused or ignored, the connection goes on. Connection-level cases: the agent drops the
 # connection and logs this (the tool reconnects). Each maps to the guest log line that names it.
 STREAM_CASES = {
@@ -46,13 +59,7 @@ STREAM_CASES = {
     "file-events-bad-paths": "file events: refused path '../escape'",
     "ping-flood": None,
     # A stream's own credit or FIN rules broken: that stream alone is reset.
-    "data-beyond-window": re.compile(r"the host broke the stream, reset it: flow-control violation: stream \d+ sent "
-                                     r"\d+ bytes with only \d+ bytes of credit"),
-    "window-update-overflow": re.compile(r"the host broke the stream, reset it: flow-control violation: stream \d+ "
-                                         r"credit overflow"),
-    "window-update-zero": re.compile(r"the host broke the stream, reset it: protocol error: WINDOW_UPDATE of 0 bytes "
-                                     r"on stream \d+"),
-    "fin-twice": re.compile(r"the host broke the stream, reset it: protocol error: second FIN on stream \d+"),
+    **broken_stream_lines("host"),
 }
 CONNECTION_CASES = {
     "unknown-frame-type": "host connection failed: protocol error: unknown frame type 42",
@@ -162,15 +169,7 @@ HOST_CONNECTION_CASES = {
 HOST_STREAM_CASES = ["open-unexposed-name", "open-overlong-target", "open-nul-in-target", "rst-unknown-stream",
                      "ports-bad-contents", "file-events-from-guest", "ping-flood"]
 # What the host agent logs, once, when a fake guest breaks one stream's credit or FIN rules.
-HOST_BROKEN_STREAM_CASES = {
-    "data-beyond-window": re.compile(r"the guest broke the stream, reset it: flow-control violation: stream \d+ sent "
-                                     r"\d+ bytes with only \d+ bytes of credit"),
-    "window-update-overflow": re.compile(r"the guest broke the stream, reset it: flow-control violation: stream \d+ "
-                                         r"credit overflow"),
-    "window-update-zero": re.compile(r"the guest broke the stream, reset it: protocol error: WINDOW_UPDATE of 0 "
-                                     r"bytes on stream \d+"),
-    "fin-twice": re.compile(r"the guest broke the stream, reset it: protocol error: second FIN on stream \d+"),
-}
+HOST_BROKEN_STREAM_CASES = broken_stream_lines("guest")
 
 
 class HostileGuestTest(FixtureTestCase):

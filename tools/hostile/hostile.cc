@@ -563,6 +563,20 @@ std::string expect_rst(Tester& t, StreamId id, std::string* bad) {
   return "";
 }
 
+// Sends the peer's whole window and 4 MiB more on stream `id`, whose reader never reads (a stalled socket
+// takes a few hundred KiB), until the agent resets the stream.
+std::string overrun_window(Tester& t, StreamId id, std::string* bad) {
+  const uint32_t window = t.conn().peer()->initial_window;
+  const std::string chunk(64 * 1024, 'w');
+  for (uint64_t sent = 0;
+       sent < uint64_t(window) + (4u << 20) && !t.conn().closed() && !t.conn().stream(id).rst;
+       sent += chunk.size()) {
+    t.conn().send(frame(FrameType::kData, id, chunk));
+    t.conn().settle(milliseconds(1));
+  }
+  return expect_rst(t, id, bad);
+}
+
 // A case that breaks a victim stream's credit or FIN rules with `bytes(id)`; the agent must reset it alone.
 std::function<std::string(Tester&, std::string*)> breaks_a_stream(std::string (*bytes)(StreamId)) {
   return [bytes](Tester& t, std::string* bad) {
@@ -700,17 +714,7 @@ std::vector<Case> cases() {
                    const StreamId id = t.new_id();
                    t.conn().send(frame(FrameType::kControl, id,
                                        open_payload(wire::Proto::Unix, t.options().stall_target)));
-                   // The stalled socket takes a few hundred KiB; 4 MiB of credit plus 4 MiB more must
-                   // overflow.
-                   const uint32_t window = t.conn().peer()->initial_window;
-                   const std::string chunk(64 * 1024, 'w');
-                   for (uint64_t sent = 0; sent < uint64_t(window) + (4u << 20) && !t.conn().closed() &&
-                                           !t.conn().stream(id).rst;
-                        sent += chunk.size()) {
-                     t.conn().send(frame(FrameType::kData, id, chunk));
-                     t.conn().settle(milliseconds(1));
-                   }
-                   return expect_rst(t, id, bad);
+                   return overrun_window(t, id, bad);
                  },
                  [](const Options& o) { return !o.stall_target.empty(); }});
   for (Case c : stream_rule_cases()) all.push_back(std::move(c));
@@ -830,15 +834,7 @@ std::vector<Case> guest_cases() {
   all.push_back({"data-beyond-window", Expect::kKept, [](Tester& t, std::string* bad) {
                    const StreamId id = t.victim_stream(bad);
                    if (id == 0) return std::string();
-                   const uint32_t window = t.conn().peer()->initial_window;
-                   const std::string chunk(64 * 1024, 'w');
-                   for (uint64_t sent = 0; sent < uint64_t(window) + (4u << 20) && !t.conn().closed() &&
-                                           !t.conn().stream(id).rst;
-                        sent += chunk.size()) {
-                     t.conn().send(frame(FrameType::kData, id, chunk));
-                     t.conn().settle(milliseconds(1));
-                   }
-                   return expect_rst(t, id, bad);
+                   return overrun_window(t, id, bad);
                  }});
   for (Case c : stream_rule_cases()) all.push_back(std::move(c));
   all.push_back({"open-wrong-parity", Expect::kDropped, on_good([](StreamId) {
