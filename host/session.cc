@@ -5,6 +5,8 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <utility>
+
 #include "protocol/log.h"
 
 namespace vbridge {
@@ -16,7 +18,7 @@ Session::Session(uv_loop_t* loop, UniqueFd transport, BufferPool& pool, SessionO
     : pool_(pool),
       arena_(pool),
       observer_(observer),
-      mux_(Role::kHost, *this, config),
+      mux_(Role::kHost, *this, std::move(config)),
       poller_(loop, std::move(transport), [this](int status, int events) { on_poll(status, events); }) {
   poller_.want(true, true);  // our HELLO is queued
   // A deep transport buffer lets each writev and read move more bytes per wakeup.
@@ -34,8 +36,7 @@ Result<StreamId> Session::open(const wire::TargetT& target, StreamSink* sink) {
   auto id = mux_.open(target);
   if (!id) return id;
   sinks_[*id] = sink;
-  flush();
-  return id;
+  return id;  // the caller flushes, so the OPEN can leave with the stream's first bytes
 }
 
 void Session::on_poll(int status, int events) {
@@ -85,7 +86,7 @@ void Session::write_transport() {
   iovec iov[IOV_MAX < 128 ? IOV_MAX : 128];
   for (;;) {
     const size_t count = mux_.prepare_output(iov);
-    ssize_t n;
+    ssize_t n = 0;
     if (count != 0) {
       n = retry_eintr([&] { return ::writev(poller_.fd(), iov, static_cast<int>(count)); });
     } else if (const auto piped = mux_.piped_output()) {

@@ -48,8 +48,8 @@ class Session final : public MuxHandler {
   Session(uv_loop_t* loop, UniqueFd transport, BufferPool& pool, SessionObserver& observer, MuxConfig config);
   ~Session() override;
 
-  // Opens a stream; the sink hears the answer through on_open_result. The sink must outlive the stream or
-  // call detach() first.
+  // Opens a stream (the OPEN leaves with the next flush()); the sink hears the answer through
+  // on_open_result. The sink must outlive the stream or call detach() first.
   Result<StreamId> open(const wire::TargetT& target, StreamSink* sink);
   // Forgets the sink of a stream without telling the peer (the caller resets or has finished it).
   void detach(StreamId id) { sinks_.erase(id); }

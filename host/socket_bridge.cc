@@ -40,7 +40,10 @@ void SocketBridge::attach(Session& session) {
   id_ = *id;
   stream_live_ = true;
   log::at(log::Level::kDebug, id_, "{} connection opened", options_.name);
-  update_interest();
+  // A client that speaks first (an HTTP request to docker.sock) has usually written by the time it is
+  // accepted: read at once, so its first bytes leave with the OPEN in one write and the guest can hand them
+  // to the server as soon as it has connected, instead of a loop turn later. The read flushes the OPEN.
+  read_client();
 }
 
 void SocketBridge::fail_open(const Error& error) {
@@ -281,8 +284,8 @@ void SocketBridge::write_client() {
 
 void SocketBridge::update_interest() {
   if (done_) return;
-  const bool want_read = draining_error_ || (stream_live_ && !client_eof_ && offloaded_read_ == 0 &&
-                                             session_->mux().send_capacity(id_) > 0);
+  const bool want_read = draining_error_ || (stream_live_ && session_ != nullptr && !client_eof_ &&
+                                             offloaded_read_ == 0 && session_->mux().send_capacity(id_) > 0);
   poller_.want(want_read, !to_client_.empty());
 }
 

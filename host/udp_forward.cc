@@ -58,7 +58,7 @@ class UdpForward::Flow final : public StreamSink {
   void on_data(Slice data) override {
     last_active_ = Clock::now();
     const size_t n = data.size();
-    const Status st = assembler_.feed(data, [this](Slice d) { owner_.reply(peer_, peer_len_, d); });
+    const Status st = assembler_.feed(data, [this](const Slice& d) { owner_.reply(peer_, peer_len_, d); });
     if (live_) {
       session_->mux().consume(id_, n);
       session_->flush();
@@ -138,6 +138,7 @@ void UdpForward::on_readable() {
         continue;
       }
       ++counters_.flows_opened;
+      flushed = session;  // the OPEN leaves with this batch even if the datagram does not
       it = flows_.emplace(key, std::move(flow)).first;
     }
     if (it->second->send(std::move(framed))) {
@@ -181,8 +182,8 @@ void UdpForward::expire_idle() {
 
 Result<UniqueFd> bind_udp(const std::string& host, uint16_t port) {
   sockaddr_storage ss{};
-  socklen_t len;
-  int family;
+  socklen_t len = 0;
+  int family = AF_INET;
   if (host.find(':') != std::string::npos) {
     auto* sa = reinterpret_cast<sockaddr_in6*>(&ss);
     sa->sin6_family = AF_INET6;
