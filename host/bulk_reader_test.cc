@@ -7,22 +7,12 @@
 
 #include <string>
 
+#include "host/test_loop.h"
+
 namespace vbridge {
 namespace {
 
-struct Loop {
-  uv_loop_t loop{};
-  Loop() { uv_loop_init(&loop); }
-  ~Loop() {
-    uv_run(&loop, UV_RUN_DEFAULT);
-    uv_loop_close(&loop);
-  }
-  // Runs the loop until `done` holds (each turn waits for an event; the worker's result is one).
-  template <typename F>
-  void run_until(F done) {
-    while (!done()) uv_run(&loop, UV_RUN_ONCE);
-  }
-};
+using testing::Loop;  // the worker's result is an event of the loop
 
 struct SocketPair {
   int fds[2];

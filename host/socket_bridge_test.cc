@@ -8,19 +8,13 @@
 #include <string>
 
 #include "host/session.h"
+#include "host/test_loop.h"
 #include "protocol/mux_test_util.h"
 
 namespace vbridge {
 namespace {
 
-struct Loop {
-  uv_loop_t loop{};
-  Loop() { uv_loop_init(&loop); }
-  ~Loop() {
-    uv_run(&loop, UV_RUN_DEFAULT);
-    uv_loop_close(&loop);
-  }
-};
+using testing::Loop;
 
 class ReadyObserver : public SessionObserver {
  public:
@@ -74,7 +68,7 @@ TEST(SocketBridge, AClientsFirstBytesLeaveWithItsOpen) {
   ReadyObserver observer;
   Session session(&l.loop, UniqueFd(transport[0]), pool, observer, MuxConfig{});
   guest.send();
-  while (!observer.ready) uv_run(&l.loop, UV_RUN_ONCE);
+  l.run_until([&] { return observer.ready; });
   guest.receive();
 
   int client[2];
