@@ -670,7 +670,7 @@ void Mux::schedule() {
     update(*s);
   }
   // Streams that ran dry on the connection-wide cap may read again now that bytes moved on.
-  if (!starved_.empty() && buffered_ < config_.max_buffered) {
+  if (!starved_.empty() && room_under_cap() >= min_room_under_cap()) {
     std::vector<StreamId> again;
     again.swap(starved_);
     for (const StreamId id : again) {
@@ -766,11 +766,22 @@ size_t Mux::send_capacity(StreamId id) const {
 
 size_t Mux::capacity_of(const Stream& s) const {
   if (s.phase == StreamPhase::kAccepting || s.fin_queued) return 0;
-  if (s.pending_bytes >= s.send_credit || buffered_ >= config_.max_buffered) {
+  const uint64_t room = room_under_cap();
+  if (s.pending_bytes >= s.send_credit || room < min_room_under_cap()) {
     note_starved(s);  // the application stops reading now, so it is owed on_writable
     return 0;
   }
-  return static_cast<size_t>(std::min(s.send_credit - s.pending_bytes, config_.max_buffered - buffered_));
+  return static_cast<size_t>(std::min(s.send_credit - s.pending_bytes, room));
+}
+
+uint64_t Mux::room_under_cap() const {
+  return buffered_ < config_.max_buffered ? config_.max_buffered - buffered_ : 0;
+}
+
+// Streams stopped by the connection-wide cap read again only once a frame's worth of room is free. Reading
+// into every sliver the moment one appears would make many small reads, each holding a whole read buffer.
+uint64_t Mux::min_room_under_cap() const {
+  return std::max<uint64_t>(1, std::min<uint64_t>(config_.max_buffered, config_.max_frame));
 }
 
 // Records that `s` ran out of capacity. Credit comes back with a WINDOW_UPDATE, which updates the stream;

@@ -42,7 +42,10 @@ struct MuxConfig {
   uint32_t max_control = 1024 * 1024;      // largest CONTROL payload we accept
   uint32_t quantum = 64 * 1024;            // bytes a stream may send per scheduler turn
   uint32_t output_watermark = 256 * 1024;  // DATA bytes queued for the transport before the scheduler pauses
-  uint64_t max_buffered = 256ull * 1024 * 1024;  // connection-wide cap on bytes queued for sending
+  // Connection-wide cap on bytes queued on streams for sending. Windows bound each stream; this bounds what
+  // all of them together read ahead of a busy transport: a few ms of its throughput keep it busy, and every
+  // byte beyond is memory and latency (a full 64 x 4 MiB of windows is half a second at 400 MB/s).
+  uint64_t max_buffered = 16ull * 1024 * 1024;
   uint64_t features = 0;
   // Before the handshake, skip bytes until the peer's HELLO instead of failing on them. For byte pipes that
   // outlive either end (a virtio-serial port): a restarted peer finds stale frames of the old session first.
@@ -235,6 +238,8 @@ class Mux {
   // Re-syncs one stream after any change: scheduling, FIN emission, removal.
   void update(Stream& s);
   size_t capacity_of(const Stream& s) const;
+  uint64_t room_under_cap() const;
+  uint64_t min_room_under_cap() const;
   void note_starved(const Stream& s) const;
   void close_stream(Stream& s, const Error* error);
   void stream_error(Stream& s, const Error& error);

@@ -267,6 +267,27 @@ TEST(Mux, StreamBlockedByAnotherStreamsBytesIsWokenWhenTheyDrain) {
   EXPECT_GE(std::count(p.host_handler.events.begin(), p.host_handler.events.end(), Event{"writable", b}), 1);
 }
 
+// A sliver of room under the connection-wide cap is no room: a stream given 16 KiB there would read 16 KiB
+// into a whole read buffer. Streams stopped by the cap read again once a frame's worth is free.
+TEST(Mux, CapGivesNoRoomSmallerThanAFrame) {
+  MuxConfig c;
+  c.max_buffered = 1024 * 1024;
+  Pair p(c);
+  const StreamId a = open_stream(p, "/a");
+  const StreamId b = open_stream(p, "/b");
+  const size_t sliver = 16 * 1024;
+  for (size_t queued = 0; queued < c.max_buffered - sliver;) {
+    const size_t n = std::min<size_t>(p.pool.block_size(), c.max_buffered - sliver - queued);
+    ASSERT_TRUE(p.host.send(a, p.pool.acquire().sub(0, n)));
+    queued += n;
+  }
+  EXPECT_EQ(p.host.buffered_bytes(), c.max_buffered - sliver);
+  EXPECT_EQ(p.host.send_capacity(b), 0u);
+  p.settle();
+  EXPECT_GE(p.host.send_capacity(b), c.max_frame);
+  EXPECT_GE(std::count(p.host_handler.events.begin(), p.host_handler.events.end(), Event{"writable", b}), 1);
+}
+
 // Credit returned while the connection-wide cap is full: the stream used to be marked as waiting but left
 // out of the list of streams woken when the cap frees up.
 TEST(Mux, CreditReturnedWhileCapIsFullStillWakesTheStream) {

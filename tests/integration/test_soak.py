@@ -10,8 +10,10 @@ the server checks each byte on arrival and echoes it, the client checks the echo
 says how much it received and how much differed. Eight of the streams read their echo at 1 MiB/s, so their
 windows fill and stay full. While it runs, the resident memory of both agents is sampled; the peak must stay
 below what the windows allow plus a fixed allowance for the pools and the agent itself. Per stream an agent
-holds at most a window of bytes its local socket has not taken yet (its receive window) and a window of bytes
-it read but may not send yet (the peer's window): streams x 2 x window, mixed or not. A slow reader's
+holds at most a window of bytes its local socket has not taken yet (its receive window); bytes it read and
+has not sent yet are capped for all streams together (16 MiB, MuxConfig::max_buffered), where the peer's
+windows alone would allow another window per stream (a guest at 624 MiB before the cap, 266 MiB after, in
+300 s runs): streams x window + 2 x cap, mixed or not. A slow reader's
 received bytes are slices of transport read blocks (1 MiB on the host, 256 KiB in the guest) that also carry
 other streams' frames (64 KiB quanta); once an agent's pool holds more than 32 MiB, both agents move such
 queued bytes into small blocks (compact_queue), which is what keeps the mixed soak inside the same bound
@@ -39,7 +41,9 @@ STREAMS = 64
 SLOW_READERS = 8
 WINDOW = 4 << 20  # the agents' default per-stream window (--window-kib 4096)
 ALLOWANCE = 96 << 20  # pool caches (host 64 x 1 MiB, guest 64 x 256 KiB), buffer rings, arenas, the binary
-PIN_FACTOR = 4  # how many times its size a slow reader's received window is allowed to keep alive
+# The connection-wide cap on bytes read and not yet sent (MuxConfig::max_buffered), counted twice: reads in
+# flight when the cap fills, and read buffers partly filled.
+QUEUED_CAP = 16 << 20
 IDLE_IN_USE = 4  # host pool buffers still referenced once every stream is gone: read arenas' current blocks
 
 
@@ -169,13 +173,13 @@ class SoakTest(FixtureTestCase):
         self.assertGreater(result.get("mismatched_bytes", 0), 0, soak.logs())
 
     def test_soak_loses_and_corrupts_nothing_and_memory_stays_within_the_windows(self) -> None:
-        self.soak(STREAMS, SLOW_READERS, soak_seconds(), pinned_by_slow_readers=False)
+        self.soak(STREAMS, SLOW_READERS, soak_seconds())
 
     def test_slow_readers_alone_hold_no_more_than_their_windows(self) -> None:
         """Only slow readers: their windows fill and stay full, and that is all the agents hold."""
-        self.soak(SLOW_READERS, SLOW_READERS, 20, pinned_by_slow_readers=False)
+        self.soak(SLOW_READERS, SLOW_READERS, 20)
 
-    def soak(self, streams: int, slow: int, seconds: float, pinned_by_slow_readers: bool) -> None:
+    def soak(self, streams: int, slow: int, seconds: float) -> None:
         wd = self.workdir
         netns = Netns(wd, "guestns")
         port = free_port()
@@ -201,11 +205,11 @@ class SoakTest(FixtureTestCase):
         finally:
             peak = sampler.stop()
         result = last_json(soak)
-        factor = PIN_FACTOR + 1 if pinned_by_slow_readers else 2
-        bound_kib = (streams * factor * WINDOW + ALLOWANCE) // 1024
-        bound_text = (f"{mib(bound_kib)} = {streams} streams x {factor} x {WINDOW >> 20} MiB window"
-                      + (" (received windows pinned up to 4x)" if pinned_by_slow_readers else "")
-                      + f" + {ALLOWANCE >> 20} MiB")
+        # Each agent holds up to a window per stream received and not yet taken by its socket, and what the
+        # cap lets all streams read ahead of the transport.
+        bound_kib = (streams * WINDOW + 2 * QUEUED_CAP + ALLOWANCE) // 1024
+        bound_text = (f"{mib(bound_kib)} = {streams} streams x {WINDOW >> 20} MiB window"
+                      + f" + 2 x {QUEUED_CAP >> 20} MiB read ahead + {ALLOWANCE >> 20} MiB")
         try:
             wait_for(lambda: host.status()["buffers"]["in_use"] <= IDLE_IN_USE, 10, "the host's pool to drain")
         except WaitTimeout:
