@@ -736,7 +736,7 @@ void Session::on_datagrams_readable(Conn& c, int res) {
     }
     encode_datagram_prefix(space.data(), static_cast<uint32_t>(n));
     Slice framed = env_.datagram_arena.commit(kDatagramPrefix + static_cast<size_t>(n));
-    if (mux_.send_capacity(c.id) < framed.size()) {
+    if (!mux_.fits(c.id, framed.size())) {
       ++env_.counters.datagrams_dropped;
       continue;
     }

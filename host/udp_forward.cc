@@ -37,7 +37,7 @@ class UdpForward::Flow final : public StreamSink {
   // Queues one datagram (its Slice includes the 4-byte prefix); false if it does not fit right now. The
   // caller flushes the session once per batch.
   bool send(Slice framed) {
-    if (!live_ || session_->mux().send_capacity(id_) < framed.size()) return false;
+    if (!live_ || !session_->mux().fits(id_, framed.size())) return false;
     session_->mux().send(id_, std::move(framed));
     last_active_ = Clock::now();
     return true;

@@ -764,6 +764,12 @@ size_t Mux::send_capacity(StreamId id) const {
   return s == nullptr ? 0 : capacity_of(*s);
 }
 
+bool Mux::fits(StreamId id, size_t n) const {
+  const Stream* s = find(id);
+  if (s == nullptr || s->phase == StreamPhase::kAccepting || s->fin_queued) return false;
+  return s->pending_bytes + n <= s->send_credit && n <= room_under_cap();
+}
+
 size_t Mux::capacity_of(const Stream& s) const {
   if (s.phase == StreamPhase::kAccepting || s.fin_queued) return 0;
   const uint64_t room = room_under_cap();

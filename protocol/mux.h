@@ -170,6 +170,10 @@ class Mux {
   // How many more bytes send() should be given now: credit left minus bytes already queued, bounded by
   // the connection-wide cap. The application reads its socket only while this is positive.
   size_t send_capacity(StreamId id) const;
+  // Whether `n` more bytes fit on `id` now, within its credit and the connection-wide cap. For datagrams,
+  // sent whole or dropped: they may take the last sliver under the cap that send_capacity() holds back from
+  // byte streams. Owes no on_writable.
+  bool fits(StreamId id, size_t n) const;
   // `n` bytes received on `id` were delivered; returns credit to the peer.
   void consume(StreamId id, size_t n);
   // Half-closes our direction once queued data is out.

@@ -288,6 +288,25 @@ TEST(Mux, CapGivesNoRoomSmallerThanAFrame) {
   EXPECT_GE(std::count(p.host_handler.events.begin(), p.host_handler.events.end(), Event{"writable", b}), 1);
 }
 
+// A datagram is sent whole or dropped, never waited for: it may use the sliver under the cap that byte
+// streams are denied, and nothing more.
+TEST(Mux, ADatagramFitsInTheSliverUnderTheCap) {
+  MuxConfig c;
+  c.max_buffered = 1024 * 1024;
+  Pair p(c);
+  const StreamId a = open_stream(p, "/a");
+  const StreamId b = open_stream(p, "/b");
+  const size_t sliver = 16 * 1024;
+  for (size_t queued = 0; queued < c.max_buffered - sliver;) {
+    const size_t n = std::min<size_t>(p.pool.block_size(), c.max_buffered - sliver - queued);
+    ASSERT_TRUE(p.host.send(a, p.pool.acquire().sub(0, n)));
+    queued += n;
+  }
+  EXPECT_EQ(p.host.send_capacity(b), 0u);
+  EXPECT_TRUE(p.host.fits(b, sliver));
+  EXPECT_FALSE(p.host.fits(b, sliver + 1));
+}
+
 // Credit returned while the connection-wide cap is full: the stream used to be marked as waiting but left
 // out of the list of streams woken when the cap frees up.
 TEST(Mux, CreditReturnedWhileCapIsFullStillWakesTheStream) {
