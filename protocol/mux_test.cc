@@ -267,44 +267,46 @@ TEST(Mux, StreamBlockedByAnotherStreamsBytesIsWokenWhenTheyDrain) {
   EXPECT_GE(std::count(p.host_handler.events.begin(), p.host_handler.events.end(), Event{"writable", b}), 1);
 }
 
+// Two streams under a 1 MiB connection-wide cap, which `a` fills but for a 16 KiB sliver.
+struct SliverUnderTheCap {
+  static constexpr size_t kCap = 1024 * 1024;
+  static constexpr size_t kSliver = 16 * 1024;
+  static MuxConfig config() {
+    MuxConfig c;
+    c.max_buffered = kCap;
+    return c;
+  }
+  Pair p{config()};
+  StreamId a = open_stream(p, "/a");
+  StreamId b = open_stream(p, "/b");
+  SliverUnderTheCap() {
+    for (size_t queued = 0; queued < kCap - kSliver;) {
+      const size_t n = std::min<size_t>(p.pool.block_size(), kCap - kSliver - queued);
+      EXPECT_TRUE(p.host.send(a, p.pool.acquire().sub(0, n)));
+      queued += n;
+    }
+  }
+};
+
 // A sliver of room under the connection-wide cap is no room: a stream given 16 KiB there would read 16 KiB
 // into a whole read buffer. Streams stopped by the cap read again once a frame's worth is free.
 TEST(Mux, CapGivesNoRoomSmallerThanAFrame) {
-  MuxConfig c;
-  c.max_buffered = 1024 * 1024;
-  Pair p(c);
-  const StreamId a = open_stream(p, "/a");
-  const StreamId b = open_stream(p, "/b");
-  const size_t sliver = 16 * 1024;
-  for (size_t queued = 0; queued < c.max_buffered - sliver;) {
-    const size_t n = std::min<size_t>(p.pool.block_size(), c.max_buffered - sliver - queued);
-    ASSERT_TRUE(p.host.send(a, p.pool.acquire().sub(0, n)));
-    queued += n;
-  }
-  EXPECT_EQ(p.host.buffered_bytes(), c.max_buffered - sliver);
-  EXPECT_EQ(p.host.send_capacity(b), 0u);
-  p.settle();
-  EXPECT_GE(p.host.send_capacity(b), c.max_frame);
-  EXPECT_GE(std::count(p.host_handler.events.begin(), p.host_handler.events.end(), Event{"writable", b}), 1);
+  SliverUnderTheCap t;
+  EXPECT_EQ(t.p.host.buffered_bytes(), t.kCap - t.kSliver);
+  EXPECT_EQ(t.p.host.send_capacity(t.b), 0u);
+  t.p.settle();
+  EXPECT_GE(t.p.host.send_capacity(t.b), MuxConfig{}.max_frame);
+  const auto& events = t.p.host_handler.events;
+  EXPECT_GE(std::count(events.begin(), events.end(), Event{"writable", t.b}), 1);
 }
 
 // A datagram is sent whole or dropped, never waited for: it may use the sliver under the cap that byte
 // streams are denied, and nothing more.
 TEST(Mux, ADatagramFitsInTheSliverUnderTheCap) {
-  MuxConfig c;
-  c.max_buffered = 1024 * 1024;
-  Pair p(c);
-  const StreamId a = open_stream(p, "/a");
-  const StreamId b = open_stream(p, "/b");
-  const size_t sliver = 16 * 1024;
-  for (size_t queued = 0; queued < c.max_buffered - sliver;) {
-    const size_t n = std::min<size_t>(p.pool.block_size(), c.max_buffered - sliver - queued);
-    ASSERT_TRUE(p.host.send(a, p.pool.acquire().sub(0, n)));
-    queued += n;
-  }
-  EXPECT_EQ(p.host.send_capacity(b), 0u);
-  EXPECT_TRUE(p.host.fits(b, sliver));
-  EXPECT_FALSE(p.host.fits(b, sliver + 1));
+  SliverUnderTheCap t;
+  EXPECT_EQ(t.p.host.send_capacity(t.b), 0u);
+  EXPECT_TRUE(t.p.host.fits(t.b, t.kSliver));
+  EXPECT_FALSE(t.p.host.fits(t.b, t.kSliver + 1));
 }
 
 // Credit returned while the connection-wide cap is full: the stream used to be marked as waiting but left
