@@ -738,7 +738,7 @@ bool Mux::send_piped(StreamId id, const std::shared_ptr<Pipe>& pipe, size_t n) {
 // Both kinds of bytes wait in one queue per stream, so their order is kept.
 bool Mux::queue_pending(StreamId id, PendingBytes bytes, size_t n) {
   Stream* s = find(id);
-  if (s == nullptr || s->phase == StreamPhase::kAccepting || s->fin_queued) return false;
+  if (s == nullptr || !takes_bytes(*s)) return false;
   if (n == 0) return true;
   s->pending_bytes += n;
   buffered_ += n;
@@ -766,12 +766,11 @@ size_t Mux::send_capacity(StreamId id) const {
 
 bool Mux::fits(StreamId id, size_t n) const {
   const Stream* s = find(id);
-  if (s == nullptr || s->phase == StreamPhase::kAccepting || s->fin_queued) return false;
-  return s->pending_bytes + n <= s->send_credit && n <= room_under_cap();
+  return s != nullptr && takes_bytes(*s) && s->pending_bytes + n <= s->send_credit && n <= room_under_cap();
 }
 
 size_t Mux::capacity_of(const Stream& s) const {
-  if (s.phase == StreamPhase::kAccepting || s.fin_queued) return 0;
+  if (!takes_bytes(s)) return 0;
   const uint64_t room = room_under_cap();
   if (s.pending_bytes >= s.send_credit || room < min_room_under_cap()) {
     note_starved(s);  // the application stops reading now, so it is owed on_writable
@@ -779,6 +778,9 @@ size_t Mux::capacity_of(const Stream& s) const {
   }
   return static_cast<size_t>(std::min(s.send_credit - s.pending_bytes, room));
 }
+
+// Not before the application accepted the stream, nor after it half-closed it.
+bool Mux::takes_bytes(const Stream& s) { return s.phase != StreamPhase::kAccepting && !s.fin_queued; }
 
 uint64_t Mux::room_under_cap() const {
   return buffered_ < config_.max_buffered ? config_.max_buffered - buffered_ : 0;

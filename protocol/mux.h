@@ -242,6 +242,7 @@ class Mux {
   // Re-syncs one stream after any change: scheduling, FIN emission, removal.
   void update(Stream& s);
   size_t capacity_of(const Stream& s) const;
+  static bool takes_bytes(const Stream& s);
   uint64_t room_under_cap() const;
   uint64_t min_room_under_cap() const;
   void note_starved(const Stream& s) const;
