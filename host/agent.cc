@@ -98,9 +98,10 @@ void Agent::stop() {
   watcher_.reset();
   if (session_) {
     session_->mux().goaway("host agent stopping");
+    // The flush may find the guest gone, and on_session_lost then retires the session.
     session_->flush();
-    session_->shutdown(Error{ErrorCode::kGoingAway, 0, "host agent stopping"});
   }
+  if (session_) session_->shutdown(Error{ErrorCode::kGoingAway, 0, "host agent stopping"});
   for (auto& p : pending_) p.bridge->fail_open(Error{ErrorCode::kGoingAway, 0, "host agent stopping"});
   pending_.clear();
   uv_timer_stop(&dial_timer_);

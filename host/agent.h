@@ -106,7 +106,7 @@ class Agent final : public SessionObserver, public BridgeOwner {
   BufferPool pool_;  // client reads: in shared memory when there is some
   ReadArena client_arena_;
   BufferPool transport_pool_;  // transport reads
-  uv_idle_t returns_flush_;    // sends RELEASE for loans returned outside a flush
+  uv_idle_t returns_flush_{};  // sends RELEASE for loans returned outside a flush
   // Small blocks that slow readers' queued bytes move into (see compact_queue); declared before the bridges
   // that hold them.
   BufferPool compact_pool_;
@@ -127,9 +127,9 @@ class Agent final : public SessionObserver, public BridgeOwner {
   std::unordered_map<SocketBridge*, std::unique_ptr<SocketBridge>> bridges_;
   std::vector<SocketBridge*> finished_;
   std::deque<Pending> pending_;
-  uv_timer_t dial_timer_;
-  uv_timer_t tick_timer_;
-  uv_idle_t reaper_;
+  uv_timer_t dial_timer_{};
+  uv_timer_t tick_timer_{};
+  uv_idle_t reaper_{};
   int backoff_ms_ = 0;
   std::chrono::steady_clock::time_point last_ping_;
   std::chrono::steady_clock::time_point connected_since_;

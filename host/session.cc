@@ -53,30 +53,47 @@ void Session::on_poll(int status, int events) {
 }
 
 void Session::read_transport() {
+  read_some();
+  if (lost_) return;
+  if (write_error_ != 0) {
+    fail_write();
+    return;
+  }
+  flush();
+}
+
+void Session::fail_write() {
+  // The peer may have said why before it closed (a HELLO of another version, GOAWAY): read that first.
+  if (write_error_ == EPIPE || write_error_ == ECONNRESET) read_some();
+  if (!lost_) lose(errno_error("transport write failed", write_error_));
+}
+
+void Session::read_some() {
+  if (reading_) return;
+  reading_ = true;
   // A few reads per wakeup, so one busy transport cannot starve the loop's other descriptors.
   for (int i = 0; i < 4 && !lost_; ++i) {
     std::span<std::byte> space = arena_.writable();
     const ssize_t n = retry_eintr([&] { return ::read(poller_.fd(), space.data(), space.size()); });
     if (n < 0) {
-      if (errno == EAGAIN) break;
-      lose(errno_error("transport read failed"));
-      return;
+      if (errno != EAGAIN) lose(errno_error("transport read failed"));
+      break;
     }
     if (n == 0) {
       lose(Error{ErrorCode::kIo, 0, "guest agent closed the transport"});
-      return;
+      break;
     }
     if (Status st = mux_.feed(arena_.commit(static_cast<size_t>(n))); !st) {
       lose(st.error());
-      return;
+      break;
     }
     if (static_cast<size_t>(n) < space.size()) break;
   }
-  flush();
+  reading_ = false;
 }
 
 void Session::flush() {
-  if (lost_ || in_flush_) return;
+  if (lost_ || in_flush_ || write_error_ != 0) return;
   in_flush_ = true;
   write_transport();
   in_flush_ = false;
@@ -103,10 +120,10 @@ void Session::write_transport() {
         poller_.want(true, true);
         return;
       }
-      const int err = errno;
-      // The peer may have said why before it closed (a HELLO of another version, GOAWAY): read that first.
-      if (err == EPIPE || err == ECONNRESET) read_transport();
-      if (!lost_) lose(errno_error("transport write failed", err));
+      write_error_ = errno;
+      // A handler called from read_some() is flushing: feeding the mux from here would handle frames out of
+      // order, so read_transport() fails the write once that read is done.
+      if (!reading_) fail_write();
       return;
     }
     if (n == 0) {

@@ -77,8 +77,13 @@ class Session final : public MuxHandler {
 
  private:
   void on_poll(int status, int events);
+  // Reads and handles what arrived, then sends what that produced; loses the session on a failed write.
   void read_transport();
+  // Reads and feeds the mux, at most a few reads. Never re-entered: frames are handled in order.
+  void read_some();
   void write_transport();
+  // Loses the session after a failed transport write, once what the peer sent before it closed is read.
+  void fail_write();
   void lose(const Error& error);
   StreamSink* sink(StreamId id);
 
@@ -90,6 +95,8 @@ class Session final : public MuxHandler {
   std::unordered_map<StreamId, StreamSink*> sinks_;
   bool lost_ = false;
   bool in_flush_ = false;
+  bool reading_ = false;  // read_some() is on the stack
+  int write_error_ = 0;   // a transport write failed (errno); the session is lost once reading is done
   uint64_t pings_sent_ = 0, last_pong_ = 0;
 };
 
