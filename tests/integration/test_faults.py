@@ -18,12 +18,16 @@ is slow to start), and idle connections on the unix forward, the followed port a
   followed ports, which the host binds again from the guest's listener list.
 
 VBRIDGE_FAULTS sets the number of faults (default 100). The figures go to bench/RESULTS.md (Reliability).
+
+A second test stops both agents together (SIGTERM to the host agent, then to the guest agent), 20 times:
+the host agent's GOAWAY may find the transport already gone, and it must still exit with status 0.
 """
 
 from __future__ import annotations
 
 import http.client
 import os
+import signal
 import socket
 import statistics
 import struct
@@ -424,6 +428,25 @@ class FaultInjectionTest(FixtureTestCase):
         except WaitTimeout:
             self.fail(f"{what}: not serving again within {bound:g} s of the kill: {sorted(left)}\n{self.logs()}")
         return time.monotonic() - since
+
+
+STOP_ROUNDS = 20  # agent pairs in the stop-as-the-guest-vanishes test
+
+
+class StopAsTheGuestVanishesTest(FixtureTestCase):
+    def test_host_agent_told_to_stop_as_the_guest_vanishes_exits_cleanly(self) -> None:
+        """SIGTERM to the host agent and then to the guest agent, back to back, as when a VM and its host agent
+        are stopped together: whichever the host agent notices first, it exits with status 0."""
+        wd = self.workdir
+        for i in range(STOP_ROUNDS):
+            guest = GuestAgent(wd, name=f"guest{i}", log_level="info").start()
+            host = HostAgent(wd, "unix:" + guest.listen_path, name=f"host{i}", log_level="info").start()
+            assert host.process is not None and guest.process is not None
+            host.process.send_signal(signal.SIGTERM)
+            guest.process.send_signal(signal.SIGTERM)
+            rc = host.process.wait_exit(10)
+            self.assertEqual(rc, 0, f"round {i}: the host agent exited with {rc}\n{host.process.logs()}")
+            guest.process.wait_exit(5)
 
 
 if __name__ == "__main__":
