@@ -37,6 +37,15 @@ __kernel_timespec to_timespec(std::chrono::milliseconds d) {
   return ts;
 }
 
+// SIGTERM and SIGINT: the agent reads them from a signalfd and stops.
+sigset_t stop_signals() {
+  sigset_t mask;
+  sigemptyset(&mask);
+  sigaddset(&mask, SIGTERM);
+  sigaddset(&mask, SIGINT);
+  return mask;
+}
+
 }  // namespace
 
 Result<ReverseUnix> parse_reverse_unix(std::string_view text) {
@@ -61,6 +70,10 @@ Result<std::unique_ptr<Agent>> Agent::create(AgentConfig config) {
   auto loop = UringLoop::create();
   if (!loop) return loop.error();
   for (const auto& note : (*loop)->notes()) log::warn("{}", note);
+  // Held from before the first socket exists: a stop that arrives while the agent starts waits in the
+  // signalfd (setup) and ends it cleanly, with its sockets removed, rather than by the default action.
+  const sigset_t mask = stop_signals();
+  if (sigprocmask(SIG_BLOCK, &mask, nullptr) != 0) return Error{ErrorCode::kIo, errno, "sigprocmask failed"};
   auto endpoint = TransportEndpoint::open(config.listen, config.serial_paths);
   if (!endpoint) return endpoint.error();
   std::unique_ptr<Agent> agent(
@@ -129,11 +142,7 @@ Status Agent::setup() {
     reverse_.push_back(ReverseListener{r, std::move(*endpoint)});
   }
 
-  sigset_t mask;
-  sigemptyset(&mask);
-  sigaddset(&mask, SIGTERM);
-  sigaddset(&mask, SIGINT);
-  if (sigprocmask(SIG_BLOCK, &mask, nullptr) != 0) return Error{ErrorCode::kIo, errno, "sigprocmask failed"};
+  const sigset_t mask = stop_signals();
   signal_fd_ = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
   if (signal_fd_ < 0) return Error{ErrorCode::kIo, errno, fmt::format("signalfd: {}", std::strerror(errno))};
   return {};

@@ -285,6 +285,21 @@ int main(int argc, char** argv) {
   }
   uv_loop_t* loop = uv_default_loop();
   Agent agent(loop, config);
+  // Caught from before the first socket exists: a stop that arrives while the agent starts is handled once
+  // the loop runs, and ends it cleanly, with its sockets removed, rather than by the default action.
+  uv_signal_t sigterm, sigint;
+  uv_signal_init(loop, &sigterm);
+  uv_signal_init(loop, &sigint);
+  sigterm.data = sigint.data = &agent;
+  const auto on_signal = [](uv_signal_t* handle, int signum) {
+    log::info("received signal {}, shutting down", signum);
+    static_cast<Agent*>(handle->data)->stop();
+  };
+  uv_signal_start(&sigterm, on_signal, SIGTERM);
+  uv_signal_start(&sigint, on_signal, SIGINT);
+  // Once stopping, the signal handles must not keep the loop alive.
+  uv_unref(reinterpret_cast<uv_handle_t*>(&sigterm));
+  uv_unref(reinterpret_cast<uv_handle_t*>(&sigint));
   if (Status st = agent.start(); !st) {
     log::error("{}", st.error().to_string());
     return 1;
@@ -302,20 +317,6 @@ int main(int argc, char** argv) {
     }
     log::info("DOCKER_HOST=unix://{}", docker_sock);
   }
-
-  uv_signal_t sigterm, sigint;
-  uv_signal_init(loop, &sigterm);
-  uv_signal_init(loop, &sigint);
-  sigterm.data = sigint.data = &agent;
-  const auto on_signal = [](uv_signal_t* handle, int signum) {
-    log::info("received signal {}, shutting down", signum);
-    static_cast<Agent*>(handle->data)->stop();
-  };
-  uv_signal_start(&sigterm, on_signal, SIGTERM);
-  uv_signal_start(&sigint, on_signal, SIGINT);
-  // Once stopping, the signal handles must not keep the loop alive.
-  uv_unref(reinterpret_cast<uv_handle_t*>(&sigterm));
-  uv_unref(reinterpret_cast<uv_handle_t*>(&sigint));
 
   uv_run(loop, UV_RUN_DEFAULT);
   return 0;
