@@ -56,7 +56,7 @@ step "build build/"
 cmake --build build -j "$jobs"
 step "clang-tidy on the protocol core (.clang-tidy; reported, not gating)"
 VBRIDGE_TIDY_FILTER='protocol/[a-z_]+\.cc$' "$root/tools/tidy.sh" build --extra-arg=-Wno-unknown-warning-option 2>&1 | tail -n 30 || echo "clang-tidy reported warnings (see above)"
-# The reliability suites (faults, soak, load) take about 7 minutes; VBRIDGE_TEST_QUICK=1 leaves them out.
+# The reliability suites (faults, chaos, soak, load) take about 8 minutes; VBRIDGE_TEST_QUICK=1 leaves them out.
 long_suites=()
 if [[ "${VBRIDGE_TEST_QUICK:-0}" == 1 ]]; then
   long_suites=(-LE 'soak|load|faults')
