@@ -190,7 +190,7 @@ int Agent::run() {
     for (auto& s : pending_) s->flush();
     for (auto& s : retiring_) s->flush();
     if (shutdown_step()) break;
-    if (Status st = loop_->submit_and_wait(); !st) {
+    if (Status st = loop_->submit_and_wait(until_next_deadline()); !st) {
       log::error("{}", st.error().message);
       status = 1;
       break;
@@ -201,6 +201,19 @@ int Agent::run() {
   }
   log::info("counters: {}", counters_line());
   return status;
+}
+
+// How long the loop may sleep when nothing completes: until a session's batch of bulk bytes is due.
+std::optional<std::chrono::nanoseconds> Agent::until_next_deadline() const {
+  std::optional<std::chrono::steady_clock::time_point> earliest;
+  const auto consider = [&](const std::unique_ptr<Session>& s) {
+    const auto due = s->write_deadline();
+    if (due && (!earliest || *due < *earliest)) earliest = due;
+  };
+  if (active_) consider(active_);
+  for (const auto& s : retiring_) consider(s);
+  if (!earliest) return std::nullopt;
+  return *earliest - std::chrono::steady_clock::now();
 }
 
 // A slow guest socket's queued bytes pin the transport read blocks they arrived in, and with them other

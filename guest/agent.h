@@ -22,6 +22,7 @@
 
 #include <chrono>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <string_view>
@@ -137,6 +138,7 @@ class Agent final : private SessionHooks {
   // Advances shutdown; true once the agent may exit.
   bool shutdown_step();
   void compact_slow_readers();
+  std::optional<std::chrono::nanoseconds> until_next_deadline() const;
 
   AgentConfig config_;
   TargetPolicy targets_;

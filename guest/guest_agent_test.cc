@@ -674,6 +674,41 @@ TEST_P(GuestAgent, SixtyFourMebibytesBothWaysWithChecksum) {
   EXPECT_NE(agent_->log().find("bytes_from_guest=67108864"), std::string::npos);
 }
 
+// While two guest sockets take bulk transfers, their bytes wait to be written in batches
+// (kWriteBatchBytes); transfers that stop short of a batch, without a FIN, must still reach the sockets once
+// the batch's time is up.
+TEST_P(GuestAgent, BulkBytesThatStopShortOfABatchStillArrive) {
+  start();
+  auto host = connect();
+  const StreamId a = host->open_unix("echo");
+  const StreamId b = host->open_unix("echo");
+  uint64_t expected = 0;
+  // The first pieces make both connections bulk ones; later pieces that arrive whole are held.
+  for (int round = 0; round < 20; ++round) {
+    expected += 64 * 1024;  // one whole DATA frame each: bulk-sized pieces
+    host->send_bulk(a, expected, 7, /*fin_after=*/false);
+    host->send_bulk(b, expected, 8, /*fin_after=*/false);
+    ASSERT_TRUE(host->pump_until([&] {
+      return host->stream(a).received == expected && host->stream(b).received == expected;
+    })) << "round "
+        << round << ": " << host->stream(a).received << " and " << host->stream(b).received << " of "
+        << expected << " bytes back\n"
+        << agent_->log();
+  }
+  for (const StreamId id : {a, b}) {
+    const StreamRecord& r = host->stream(id);
+    EXPECT_EQ(r.received_hash.h, r.sent_hash.h);
+    host->mux().shutdown_write(id);
+  }
+  ASSERT_TRUE(host->pump_until([&] { return host->stream(a).closed && host->stream(b).closed; }))
+      << agent_->log();
+  expect_clean_exit();
+  const std::string log = agent_->log();
+  const size_t at = log.find("batched_writes=");
+  ASSERT_NE(at, std::string::npos);
+  EXPECT_GT(std::stoull(log.substr(at + std::strlen("batched_writes="))), 0u) << "no write was ever held";
+}
+
 TEST_P(GuestAgent, HostHalfClosesAndGuestStillReplies) {
   start();
   auto host = connect();

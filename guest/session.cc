@@ -7,6 +7,7 @@
 #include <poll.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -24,12 +25,12 @@ std::string GuestCounters::to_string() const {
       "transport_writes={} "
       "frames_in={} frames_out={} datagrams_to_guest={} datagrams_from_guest={} datagrams_dropped={} "
       "port_scans={} port_scan_errors={} ports_messages={} reverse_opened={} reverse_refused={} "
-      "bytes_compacted={} spliced_from_guest={}",
+      "bytes_compacted={} spliced_from_guest={} batched_writes={}",
       host_connections, host_failures, peers_refused, accept_errors, serial_errors, streams_opened,
       open_denied, dial_failed, stream_errors, resets_from_host, streams_dropped, bytes_from_guest,
       bytes_to_guest, transport_bytes_in, transport_bytes_out, transport_writes, frames_in, frames_out,
       datagrams_to_guest, datagrams_from_guest, datagrams_dropped, port_scans, port_scan_errors,
-      ports_messages, reverse_opened, reverse_refused, bytes_compacted, spliced_from_guest);
+      ports_messages, reverse_opened, reverse_refused, bytes_compacted, spliced_from_guest, batched_writes);
 }
 
 // A guest socket serving one stream. Per-direction progress sits in flags beside the phase:
@@ -38,7 +39,15 @@ std::string GuestCounters::to_string() const {
 // A datagram conn (UDP flow) uses `reading` for its readiness poll; host datagrams are sent at once, so
 // `out` stays empty, and a FIN either way ends the flow.
 namespace {
+using Clock = std::chrono::steady_clock;
 constexpr size_t kBulkIo = 64 * 1024;
+// While several guest sockets take bulk transfers at once, each is written in batches of this much,
+// gathered for at most kWriteBatchDelay: its reader then wakes once per batch, not once per piece the host
+// read (about 200 KB, what the client's socket buffer held), which reached each reader spread out among the
+// other streams' pieces. A lone transfer's reader falls behind and reads several pieces per wakeup anyway,
+// and holding its pieces only idled it (bench/RESULTS.md, "Bulk writes in batches").
+constexpr size_t kWriteBatchBytes = 512 * 1024;
+constexpr auto kWriteBatchDelay = std::chrono::milliseconds(1);
 }  // namespace
 
 struct Session::Conn {
@@ -70,7 +79,9 @@ struct Session::Conn {
   bool read_polls = false;
 
   bool bulk = false;         // has carried a bulk transfer: its small pieces do not count as interactive
-  bool slow_reader = false;  // the last write took less than it was given: the socket is full
+  bool pieces_bulk = false;  // the host's last piece was bulk-sized: more of its transfer is on the way
+  Clock::time_point held_since{};    // gathering a batch since then (hold_write); zero when not
+  bool slow_reader = false;          // the last write took less than it was given: the socket is full
   bool send_buffer_widened = false;  // widen_send_buffer_if_unix was called for this socket
 
   WriteQueue out;
@@ -186,6 +197,7 @@ void Session::on_completion(const Tag& tag, const io_uring_cqe& cqe) {
 }
 
 void Session::flush() {
+  if (!held_.empty()) release_due_holds();
   if (!closing_) {
     if (!reading_) arm_transport_read();
     // Moving output may wake starved streams (on_writable), so conns are synced after it.
@@ -249,7 +261,7 @@ void Session::arm_transport_write() {
 void Session::write_transport_now() {
   for (;;) {
     const size_t count = mux_.prepare_output(iov_);
-    ssize_t n;
+    ssize_t n = 0;
     if (count != 0) {
       msg_ = msghdr{};
       msg_.msg_iov = iov_.data();
@@ -457,6 +469,7 @@ void Session::on_data(StreamId id, Slice data) {
     send_datagrams(*c, data);
     return;
   }
+  set_pieces_bulk(*c, data.size() >= kBulkIo);
   c->out.push(std::move(data));
   mark(*c);
 }
@@ -524,7 +537,7 @@ Session::Conn* Session::conn_for(StreamId id) {
 }
 
 Session::Conn& Session::new_conn(StreamId id, DialPlan plan) {
-  uint32_t slot;
+  uint32_t slot = 0;
   if (!free_slots_.empty()) {
     slot = free_slots_.back();
     free_slots_.pop_back();
@@ -794,7 +807,7 @@ void Session::sync(Conn& c) {
       if (!c.reading && !c.read_eof) {
         if (const size_t capacity = mux_.send_capacity(c.id); capacity > 0) arm_conn_read(c, capacity);
       }
-      if (!c.writing && !c.out.empty()) arm_conn_write(c);
+      if (!c.writing && !c.out.empty() && !hold_write(c)) arm_conn_write(c);
       // FIN follows the last byte the host sent.
       if (c.fin_from_host && !c.shut_wr && !c.shutting && !c.writing && c.out.empty()) arm_conn_shutdown(c);
       if (!c.in_mux && c.read_eof && c.shut_wr && c.inflight == 0) release(c);
@@ -843,6 +856,56 @@ void Session::arm_conn_write(Conn& c) {
   c.writing = true;
 }
 
+// Whether `c`'s queued bytes wait for more of their bulk transfer (see kWriteBatchBytes). Never a lone
+// transfer, a connection's first write, a small piece (a request, a transfer's tail), a full batch or bytes
+// before a FIN.
+bool Session::hold_write(Conn& c) {
+  if (!c.bulk || !c.pieces_bulk || bulk_receivers_ < 2 || c.fin_from_host ||
+      c.out.bytes() >= kWriteBatchBytes) {
+    c.held_since = {};
+    return false;
+  }
+  const Clock::time_point now = Clock::now();
+  if (c.held_since == Clock::time_point{}) {
+    c.held_since = now;
+    ++env_.counters.batched_writes;
+    if (std::find(held_.begin(), held_.end(), c.slot) == held_.end()) held_.push_back(c.slot);
+    const Clock::time_point due = now + kWriteBatchDelay;
+    if (!hold_deadline_ || due < *hold_deadline_) hold_deadline_ = due;
+    return true;
+  }
+  if (now - c.held_since < kWriteBatchDelay) return true;
+  // Nothing more came in time: the transfer paused, and its socket no longer counts as receiving one.
+  c.held_since = {};
+  set_pieces_bulk(c, false);
+  return false;
+}
+
+void Session::set_pieces_bulk(Conn& c, bool bulk) {
+  if (c.pieces_bulk == bulk) return;
+  c.pieces_bulk = bulk;
+  bulk_receivers_ += bulk ? 1 : -1;
+}
+
+// Marks the conns whose batch waited its time (sync then writes them) and finds the next deadline.
+void Session::release_due_holds() {
+  const Clock::time_point now = Clock::now();
+  hold_deadline_.reset();
+  size_t kept = 0;
+  for (const uint32_t slot : held_) {
+    Conn* c = conns_[slot].get();
+    if (c == nullptr || c->held_since == Clock::time_point{}) continue;
+    const Clock::time_point due = c->held_since + kWriteBatchDelay;
+    if (due <= now) {
+      mark(*c);
+      continue;
+    }
+    held_[kept++] = slot;
+    if (!hold_deadline_ || due < *hold_deadline_) hold_deadline_ = due;
+  }
+  held_.resize(kept);
+}
+
 void Session::arm_conn_shutdown(Conn& c) {
   io_uring_sqe* sqe = conn_sqe(c, Op::kConnShutdown);
   io_uring_prep_shutdown(sqe, c.fd, SHUT_WR);
@@ -879,6 +942,7 @@ void Session::kill(Conn& c) {
 }
 
 void Session::release(Conn& c) {
+  set_pieces_bulk(c, false);
   if (c.in_mux) by_stream_.erase(c.id);
   if (c.fd >= 0) ::close(c.fd);
   const uint32_t slot = c.slot;

@@ -30,6 +30,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <unordered_map>
@@ -77,6 +78,7 @@ struct GuestCounters {
   uint64_t reverse_refused = 0;  // ... turned away (no host, or the host refused the name)
   uint64_t bytes_compacted = 0;  // slow guest sockets' queued bytes moved out of shared read blocks
   uint64_t spliced_from_guest = 0;  // --splice: bytes_from_guest that went socket → pipe → transport uncopied
+  uint64_t batched_writes = 0;      // bulk writes that waited to gather more of their transfer (hold_write)
 
   std::string to_string() const;
 };
@@ -135,6 +137,9 @@ class Session final : public MuxHandler {
   bool drained();
   // Moves slow guest sockets' queued bytes out of shared read blocks; returns how many bytes moved.
   size_t compact_queues(ReadArena& arena);
+  // When the loop must wake up even if nothing completes: the first batch being gathered is due (see
+  // hold_write). Valid after flush().
+  std::optional<std::chrono::steady_clock::time_point> write_deadline() const { return hold_deadline_; }
   const Mux& mux() const { return mux_; }
   // Serial only: the transport bytes this session failed on, for the next session to start from.
   Slice take_leftover() { return std::move(leftover_); }
@@ -189,6 +194,9 @@ class Session final : public MuxHandler {
   void arm_conn_read(Conn& c, size_t capacity);
   void arm_datagram_poll(Conn& c);
   void arm_conn_write(Conn& c);
+  bool hold_write(Conn& c);
+  void release_due_holds();
+  void set_pieces_bulk(Conn& c, bool bulk);
   void arm_conn_shutdown(Conn& c);
   // Resets the stream towards the host with `message` and closes the guest socket.
   void fail_conn(Conn& c, const std::string& message);
@@ -212,6 +220,10 @@ class Session final : public MuxHandler {
   // to a socket whose reader lags, nor reads: a worker would wait there holding queued slices or a buffer.
   InteractiveClock interactive_;
   bool listeners_rescanned_ = false;  // an OPEN of this transport read already scanned the guest's ports
+
+  int bulk_receivers_ = 0;      // conns whose last piece from the host was bulk-sized
+  std::vector<uint32_t> held_;  // slots of conns gathering a batch (hold_write); may hold stale entries
+  std::optional<std::chrono::steady_clock::time_point> hold_deadline_;  // the earliest of their deadlines
 
   bool reading_ = false;  // a transport read (multishot or single) is armed
   bool multishot_armed_ = false;

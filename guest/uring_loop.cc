@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -128,10 +129,19 @@ void UringLoop::cancel(Tag target) {
   io_uring_prep_cancel64(s, target.pack(), 0);
 }
 
-Status UringLoop::submit_and_wait() {
+Status UringLoop::submit_and_wait(std::optional<std::chrono::nanoseconds> timeout) {
   ++stats_.iterations;
   while (true) {
-    const int rc = io_uring_submit_and_wait(&ring_, 1);
+    int rc = 0;
+    if (timeout) {
+      const auto ns = std::max<int64_t>(0, timeout->count());
+      __kernel_timespec ts{ns / 1'000'000'000, ns % 1'000'000'000};
+      io_uring_cqe* cqe = nullptr;
+      rc = io_uring_submit_and_wait_timeout(&ring_, &cqe, 1, &ts, nullptr);
+      if (rc == -ETIME) return {};  // the deadline came first: the caller has work due
+    } else {
+      rc = io_uring_submit_and_wait(&ring_, 1);
+    }
     if (rc >= 0) return {};
     if (rc == -EINTR) continue;
     // EBUSY/EAGAIN: the completion queue is full (overflow backlog); reaping completions makes room.

@@ -7,8 +7,10 @@
 
 #include <liburing.h>
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -76,8 +78,8 @@ class UringLoop {
   io_uring_sqe* sqe(Tag tag);
   // Queues an ASYNC_CANCEL for the operation tagged `target`; its own completion comes back as Op::kCancel.
   void cancel(Tag target);
-  // Submits the batch and waits for at least one completion.
-  Status submit_and_wait();
+  // Submits the batch and waits for at least one completion, or until `timeout` passes when one is given.
+  Status submit_and_wait(std::optional<std::chrono::nanoseconds> timeout = std::nullopt);
   // Calls handler(cqe) for every completion ready now. Completions are copied out of the ring first, so the
   // handler may queue new SQEs freely.
   template <typename Handler>
@@ -88,7 +90,10 @@ class UringLoop {
       if (n == 0) break;
       for (unsigned i = 0; i < n; ++i) batch_[i] = *batch_ptrs_[i];
       io_uring_cq_advance(&ring_, n);
-      for (unsigned i = 0; i < n; ++i) handler(batch_[i]);
+      for (unsigned i = 0; i < n; ++i) {
+        // A kernel without IORING_FEAT_EXT_ARG gets submit_and_wait's timeout as an SQE of liburing's own.
+        if (batch_[i].user_data != LIBURING_UDATA_TIMEOUT) handler(batch_[i]);
+      }
       total += n;
     }
     stats_.completions += total;
