@@ -48,6 +48,7 @@ constexpr size_t kBulkIo = 64 * 1024;
 // and holding its pieces only idled it (bench/RESULTS.md, "Bulk writes in batches").
 constexpr size_t kWriteBatchBytes = 512 * 1024;
 constexpr auto kWriteBatchDelay = std::chrono::milliseconds(1);
+constexpr auto kBulkRecent = std::chrono::milliseconds(10);
 }  // namespace
 
 struct Session::Conn {
@@ -78,11 +79,11 @@ struct Session::Conn {
   std::shared_ptr<Pipe> pipe;
   bool read_polls = false;
 
-  bool bulk = false;         // has carried a bulk transfer: its small pieces do not count as interactive
-  bool pieces_bulk = false;  // the host's last piece was bulk-sized: more of its transfer is on the way
-  Clock::time_point held_since{};    // gathering a batch since then (hold_write); zero when not
-  bool slow_reader = false;          // the last write took less than it was given: the socket is full
-  bool send_buffer_widened = false;  // widen_send_buffer_if_unix was called for this socket
+  bool bulk = false;  // has carried a bulk transfer: its small pieces do not count as interactive
+  Clock::time_point bulk_piece_at{};  // when the host's last piece came, if it was bulk-sized; else zero
+  Clock::time_point held_since{};     // gathering a batch since then (hold_write); zero when not
+  bool slow_reader = false;           // the last write took less than it was given: the socket is full
+  bool send_buffer_widened = false;   // widen_send_buffer_if_unix was called for this socket
 
   WriteQueue out;
   bool writing = false;
@@ -469,7 +470,7 @@ void Session::on_data(StreamId id, Slice data) {
     send_datagrams(*c, data);
     return;
   }
-  set_pieces_bulk(*c, data.size() >= kBulkIo);
+  note_piece(*c, data.size());
   c->out.push(std::move(data));
   mark(*c);
 }
@@ -860,12 +861,13 @@ void Session::arm_conn_write(Conn& c) {
 // transfer, a connection's first write, a small piece (a request, a transfer's tail), a full batch or bytes
 // before a FIN.
 bool Session::hold_write(Conn& c) {
-  if (!c.bulk || !c.pieces_bulk || bulk_receivers_ < 2 || c.fin_from_host ||
+  if (!c.bulk || c.bulk_piece_at == Clock::time_point{} || c.fin_from_host ||
       c.out.bytes() >= kWriteBatchBytes) {
     c.held_since = {};
     return false;
   }
   const Clock::time_point now = Clock::now();
+  if (c.held_since == Clock::time_point{} && bulk_receivers(now) < 2) return false;
   if (c.held_since == Clock::time_point{}) {
     c.held_since = now;
     ++env_.counters.batched_writes;
@@ -877,14 +879,27 @@ bool Session::hold_write(Conn& c) {
   if (now - c.held_since < kWriteBatchDelay) return true;
   // Nothing more came in time: the transfer paused, and its socket no longer counts as receiving one.
   c.held_since = {};
-  set_pieces_bulk(c, false);
+  c.bulk_piece_at = {};
   return false;
 }
 
-void Session::set_pieces_bulk(Conn& c, bool bulk) {
-  if (c.pieces_bulk == bulk) return;
-  c.pieces_bulk = bulk;
-  bulk_receivers_ += bulk ? 1 : -1;
+void Session::note_piece(Conn& c, size_t size) {
+  if (size < kBulkIo) {
+    c.bulk_piece_at = {};
+    return;
+  }
+  c.bulk_piece_at = Clock::now();
+  if (std::find(bulk_receivers_.begin(), bulk_receivers_.end(), c.slot) == bulk_receivers_.end())
+    bulk_receivers_.push_back(c.slot);
+}
+
+// How many guest sockets are receiving bulk transfers: a bulk-sized piece came within kBulkRecent.
+size_t Session::bulk_receivers(Clock::time_point now) {
+  std::erase_if(bulk_receivers_, [&](uint32_t slot) {
+    const Conn* c = conns_[slot].get();
+    return c == nullptr || c->bulk_piece_at == Clock::time_point{} || now - c->bulk_piece_at >= kBulkRecent;
+  });
+  return bulk_receivers_.size();
 }
 
 // Marks the conns whose batch waited its time (sync then writes them) and finds the next deadline.
@@ -942,7 +957,6 @@ void Session::kill(Conn& c) {
 }
 
 void Session::release(Conn& c) {
-  set_pieces_bulk(c, false);
   if (c.in_mux) by_stream_.erase(c.id);
   if (c.fd >= 0) ::close(c.fd);
   const uint32_t slot = c.slot;

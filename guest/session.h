@@ -196,7 +196,8 @@ class Session final : public MuxHandler {
   void arm_conn_write(Conn& c);
   bool hold_write(Conn& c);
   void release_due_holds();
-  void set_pieces_bulk(Conn& c, bool bulk);
+  void note_piece(Conn& c, size_t size);
+  size_t bulk_receivers(std::chrono::steady_clock::time_point now);
   void arm_conn_shutdown(Conn& c);
   // Resets the stream towards the host with `message` and closes the guest socket.
   void fail_conn(Conn& c, const std::string& message);
@@ -221,8 +222,9 @@ class Session final : public MuxHandler {
   InteractiveClock interactive_;
   bool listeners_rescanned_ = false;  // an OPEN of this transport read already scanned the guest's ports
 
-  int bulk_receivers_ = 0;      // conns whose last piece from the host was bulk-sized
-  std::vector<uint32_t> held_;  // slots of conns gathering a batch (hold_write); may hold stale entries
+  std::vector<uint32_t>
+      bulk_receivers_;          // slots of conns given a bulk-sized piece lately; pruned when counted
+  std::vector<uint32_t> held_;  // slots of conns gathering a batch (hold_write); may hold stale ones
   std::optional<std::chrono::steady_clock::time_point> hold_deadline_;  // the earliest of their deadlines
 
   bool reading_ = false;  // a transport read (multishot or single) is armed
