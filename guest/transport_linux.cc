@@ -7,14 +7,18 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <csignal>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+
+#include "protocol/log.h"
 
 namespace vbridge::guest {
 namespace {
@@ -37,6 +41,22 @@ class FdGuard {
   int fd_;
 };
 
+// Whether the process that put the listener at the other end of `connected` into listen() has exited. A
+// killed agent's listener outlives it for a few milliseconds: the kernel tears an exited process's io_uring
+// down in the background, and an accept still pending there keeps the socket open and accepting.
+bool listener_process_gone(int connected) {
+  ucred peer{};
+  socklen_t len = sizeof peer;
+  if (getsockopt(connected, SOL_SOCKET, SO_PEERCRED, &peer, &len) != 0 || peer.pid <= 0) return false;
+  if (kill(peer.pid, 0) != 0) return errno == ESRCH;
+  // Exited but not yet reaped: a zombie accepts nothing either.
+  std::ifstream stat(fmt::format("/proc/{}/stat", peer.pid));
+  std::string line;
+  if (!std::getline(stat, line)) return false;
+  const size_t end = line.rfind(')');
+  return end != std::string::npos && end + 2 < line.size() && (line[end + 2] == 'Z' || line[end + 2] == 'X');
+}
+
 // A unix socket file left by an earlier run is replaced; one with a live listener is not stolen.
 Status clear_stale_unix_socket(const std::string& path) {
   struct stat st {};
@@ -48,10 +68,15 @@ Status clear_stale_unix_socket(const std::string& path) {
   sockaddr_un sun{};
   sun.sun_family = AF_UNIX;
   std::memcpy(sun.sun_path, path.data(), path.size());
-  if (connect(probe.get(), reinterpret_cast<sockaddr*>(&sun), sizeof(sun)) == 0 || errno == EAGAIN) {
+  const bool answered = connect(probe.get(), reinterpret_cast<sockaddr*>(&sun), sizeof(sun)) == 0;
+  const int connect_errno = errno;
+  const bool orphaned = answered && listener_process_gone(probe.get());
+  if ((answered && !orphaned) || (!answered && connect_errno == EAGAIN)) {
     return Error{ErrorCode::kConfig, EADDRINUSE,
                  fmt::format("another process is listening on unix:{}", path)};
   }
+  if (orphaned)
+    log::info("unix:{}: its listener belongs to a process that has exited; taking the path over", path);
   if (unlink(path.c_str()) != 0 && errno != ENOENT) return io_error(errno, "unlink " + path);
   return {};
 }

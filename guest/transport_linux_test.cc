@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -95,6 +96,30 @@ TEST(UnixListener, RefusesToStealALiveListener) {
   auto second = TransportEndpoint::open(*parse_address("unix:" + path));
   ASSERT_FALSE(second.ok());
   EXPECT_NE(second.error().message.find("another process is listening"), std::string::npos);
+}
+
+// A killed agent's listener outlives the process for a few milliseconds (the kernel tears its io_uring down
+// in the background, and a pending accept holds the socket): an agent restarted at once takes the path over.
+TEST(UnixListener, ReplacesAListenerWhoseProcessHasExited) {
+  TempDir dir;
+  const std::string path = (dir.path() / "agent.sock").string();
+  // This process keeps the socket open; the child that put it into listen() (whose pid the socket carries,
+  // as the agent's does) exits and is reaped.
+  const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un sun{};
+  sun.sun_family = AF_UNIX;
+  std::strcpy(sun.sun_path, path.c_str());
+  ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&sun), sizeof(sun)), 0);
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) _exit(listen(fd, 8) == 0 ? 0 : 1);
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  auto endpoint = TransportEndpoint::open(*parse_address("unix:" + path));
+  ASSERT_TRUE(endpoint.ok()) << endpoint.error().message;
+  EXPECT_EQ(endpoint->kind(), TransportKind::kListener);
+  close(fd);
 }
 
 TEST(UnixListener, RemovesItsSocketFileOnClose) {
