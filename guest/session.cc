@@ -867,8 +867,8 @@ bool Session::hold_write(Conn& c) {
     return false;
   }
   const Clock::time_point now = Clock::now();
-  if (c.held_since == Clock::time_point{} && bulk_receivers(now) < 2) return false;
   if (c.held_since == Clock::time_point{}) {
+    if (bulk_receivers(now) < 2) return false;
     c.held_since = now;
     ++env_.counters.batched_writes;
     if (std::find(held_.begin(), held_.end(), c.slot) == held_.end()) held_.push_back(c.slot);

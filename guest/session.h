@@ -222,9 +222,8 @@ class Session final : public MuxHandler {
   InteractiveClock interactive_;
   bool listeners_rescanned_ = false;  // an OPEN of this transport read already scanned the guest's ports
 
-  std::vector<uint32_t>
-      bulk_receivers_;          // slots of conns given a bulk-sized piece lately; pruned when counted
-  std::vector<uint32_t> held_;  // slots of conns gathering a batch (hold_write); may hold stale ones
+  std::vector<uint32_t> bulk_receivers_;  // slots given a bulk-sized piece lately; pruned when counted
+  std::vector<uint32_t> held_;            // slots gathering a batch (hold_write); may hold stale ones
   std::optional<std::chrono::steady_clock::time_point> hold_deadline_;  // the earliest of their deadlines
 
   bool reading_ = false;  // a transport read (multishot or single) is armed
