@@ -2,7 +2,8 @@
 
 A *path* carries a client's connection to the loadgen server. Every path object has:
 
-    name          short name shown in the table ("direct", "socat2", "ssh-L", "vbridge")
+    name          short name shown in the table ("direct", "socat2", "ssh-L", "vbridge"; the yardsticks
+                  "relay", "relay2" and "splice" run only when --paths names them: opt_in)
     family        "unix" or "tcp": the kind of socket on both ends
     label         "<name>/<family>"
     available()   -> (bool, reason): whether the path can run on this machine, and why not
@@ -330,6 +331,7 @@ def token_flags(guest_binary: str, directory: FsPath | str) -> list[str]:
 
 class Path:
     name = "path"
+    opt_in = False  # True: runs only when --paths names it
 
     def __init__(self, env: Env, family: str):
         assert family in ("unix", "tcp")
@@ -570,4 +572,54 @@ class VbridgePath(Path):
             self.shm_file.unlink(missing_ok=True)
 
 
-PATH_TYPES: list[type[Path]] = [DirectPath, Socat2Path, SshLPath, VbridgePath]
+class ReferenceRelayPath(Path):
+    """Yardsticks, run only when --paths names them: vbridge-reference-relay, the plainest relay there is
+    (a thread per direction blocking in read/write, or in splice through a pipe), so the table shows what
+    any relay with this many hops reaches on this machine, beside what vbridge reaches."""
+    opt_in = True
+    hops = 1
+    mode = "copy"
+
+    def _binary(self) -> FsPath | None:
+        if self.env.build_dir is None:
+            return None
+        binary = self.env.build_dir / "bench" / "e2e" / "vbridge-reference-relay"
+        return binary if binary.is_file() and os.access(binary, os.X_OK) else None
+
+    def available(self) -> tuple[bool, str]:
+        return (True, "") if self._binary() else (False, "vbridge-reference-relay not built")
+
+    def start(self) -> None:
+        upstream = self.env.server_addr(self.family)
+        # The relay next to the server first, so the outer one never dials a missing socket.
+        for hop in range(self.hops):
+            if self.family == "unix":
+                listen = f"unix:{self.env.tmp / f'{self.name}-{hop}.sock'}"
+            else:
+                listen = f"tcp:127.0.0.1:{free_tcp_port()}"
+            self._spawn([str(self._binary()), self.mode, "--listen", listen, "--connect", upstream],
+                        f"{self.name}-{self.family}-{hop}.log")
+            upstream = listen
+        self.client_addr = upstream
+        self._wait_ready()
+
+
+class RelayPath(ReferenceRelayPath):
+    """One copying relay: the bytes are copied into and out of one process, as vbridge with shared memory
+    copies them into the host agent and out of the guest agent."""
+    name = "relay"
+
+
+class Relay2Path(ReferenceRelayPath):
+    """Two copying relays in a row: the copies of vbridge's two agents when bytes cross the transport."""
+    name = "relay2"
+    hops = 2
+
+
+class SplicePath(ReferenceRelayPath):
+    """One splicing relay: a relay that never copies (socket -> pipe -> socket by page reference)."""
+    name = "splice"
+    mode = "splice"
+
+
+PATH_TYPES: list[type[Path]] = [DirectPath, Socat2Path, SshLPath, VbridgePath, RelayPath, Relay2Path, SplicePath]

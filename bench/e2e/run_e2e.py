@@ -293,9 +293,14 @@ def start_paths(paths: list[Path], report: dict, progress: Progress) -> list[Pat
 
 
 def select_paths(args, env, families: list[str]) -> list[Path]:
-    wanted = set(args.paths.split(",")) if args.paths else None
-    return [cls(env, fam) for fam in families for cls in PATH_TYPES
-            if wanted is None or cls.name in wanted or cls.name == "direct"]
+    return [cls(env, fam) for fam in families for cls in PATH_TYPES if path_wanted(args, cls)]
+
+
+def path_wanted(args, cls: type[Path]) -> bool:
+    """direct always; without --paths every path but the opt-in yardsticks; with it, the paths it names."""
+    if cls.name == "direct":
+        return True
+    return cls.name in args.paths.split(",") if args.paths else not cls.opt_in
 
 
 def run_streams(args, env: Env, profile: Profile, progress: Progress) -> dict:
@@ -425,8 +430,7 @@ JSON_KEYS = {"docker": "docker", "idle": "idle_streams", "ports": "ports", "file
 def planned_steps(args, profile: Profile, sections: list[str], skips: dict[str, str]) -> int:
     n = 0
     if "streams" in sections:
-        per_family = len([c for c in PATH_TYPES if not args.paths or c.name in args.paths.split(",")
-                          or c.name == "direct"])
+        per_family = len([c for c in PATH_TYPES if path_wanted(args, c)])
         n += profile.repeat * len(benchmarks(profile)) * per_family * len(args.families.split(","))
     if "docker" in sections and not skips["docker"]:
         n += 1 + profile.repeat
@@ -547,7 +551,7 @@ def relative(value: float | None, base: float | None, unit: str) -> float | None
 
 def write_plot(doc: dict, path: str) -> None:
     by_label = {e["label"]: e for e in doc["paths"]}
-    series = [c.name for c in PATH_TYPES if c.name != "direct"]
+    series = list(dict.fromkeys(e["name"] for e in doc["paths"] if e["name"] != "direct"))
     panels = []
     for fam, title in (("unix", "unix sockets (the Docker-socket path)"), ("tcp", "TCP port forward (127.0.0.1)")):
         direct = by_label.get(f"direct/{fam}")
@@ -591,7 +595,8 @@ def main() -> int:
     ap.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of: "
                     + ", ".join(SECTIONS) + " (default: all)")
     ap.add_argument("--paths", default="", help="comma-separated subset of: "
-                    + ", ".join(c.name for c in PATH_TYPES) + " (direct always runs)")
+                    + ", ".join(c.name for c in PATH_TYPES) + " (direct always runs; relay, relay2 and splice, "
+                    "the plainest relays as yardsticks, run only when named)")
     ap.add_argument("--families", default="unix,tcp", help="stream benchmarks over unix, tcp or both (default)")
     ap.add_argument("--repeat", type=int, help="rounds (default: 1 with --quick, 3 otherwise)")
     ap.add_argument("--no-shm", action="store_true",
