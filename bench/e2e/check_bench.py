@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """ctest bench.e2e.quick: `tools/vbridge bench --quick` runs end to end, its JSON has every section and its SVG
-is well-formed. No figure is judged: timings belong in bench/RESULTS.md, not in a pass/fail test.
+is well-formed, and the opt-in yardstick relays run when named. No figure is judged: timings belong in
+bench/RESULTS.md, not in a pass/fail test.
 
     python3 bench/e2e/check_bench.py --build-dir build
 """
@@ -26,6 +27,7 @@ SECTIONS = {"docker": "paths", "idle_streams": "with_streams", "ports": "appear_
 STREAM_METRICS = ("tput1", "tput1_rev", "tput8", "rtt_p50", "rtt_p99", "load_p50", "load_p99", "cpu_p50", "cpu_p99",
                   "conn")
 
+YARDSTICKS = ("relay", "relay2", "splice")
 BUILD_DIR = ""
 
 
@@ -74,6 +76,10 @@ class QuickBench(unittest.TestCase):
                 if name != "direct":
                     self.assertEqual(sorted(entry["ratio_to_direct"]), sorted(STREAM_METRICS), f"{name}/{fam}")
 
+    def test_yardsticks_run_only_when_named(self):
+        names = {e["name"] for e in self.doc["paths"]}
+        self.assertFalse(names & set(YARDSTICKS), "an opt-in yardstick ran without --paths naming it")
+
     def test_every_section_ran_or_says_why_not(self):
         for key, figures in SECTIONS.items():
             section = self.doc.get(key)
@@ -106,6 +112,32 @@ class QuickBench(unittest.TestCase):
         self.assertEqual(root.tag, f"{SVG}svg")
         bars = [r for r in root.iter(f"{SVG}rect") if r.find(f"{SVG}title") is not None]
         self.assertTrue(bars, "the plot has no bar")
+
+
+class Yardsticks(unittest.TestCase):
+    """The plainest relays (`--paths relay,relay2,splice`) carry every stream benchmark: a relay that lost or
+    stalled bytes would leave a metric out or end its run with an error."""
+
+    def test_every_yardstick_has_every_metric(self):
+        with tempfile.TemporaryDirectory(prefix="vbridge-bench-yardsticks-") as tmp:
+            json_path = os.path.join(tmp, "bench.json")
+            argv = [sys.executable, os.path.join(REPO, "tools", "vbridge"), "bench", "--quick", "--build-dir",
+                    BUILD_DIR, "--sections", "streams", "--families", "unix,tcp", "--paths", ",".join(YARDSTICKS),
+                    "--json", json_path]
+            run = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                                 env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+            self.assertEqual(run.returncode, 0, f"{run.stdout}\n{run.stderr[-4000:]}")
+            with open(json_path, encoding="utf-8") as f:
+                labels = {e["label"]: e for e in json.load(f)["paths"]}
+        for name in YARDSTICKS:
+            for fam in ("unix", "tcp"):
+                entry = labels.get(f"{name}/{fam}")
+                self.assertIsNotNone(entry, f"{name}/{fam} missing from the JSON")
+                self.assertEqual(entry["skip_reason"], "", f"{name}/{fam}")
+                self.assertEqual(sorted(entry["metrics"]), sorted(STREAM_METRICS), f"{name}/{fam}")
+                for bench, runs in entry["results"].items():
+                    errors = [r["error"] for r in runs if "error" in r]
+                    self.assertFalse(errors, f"{name}/{fam} {bench}: {errors}")
 
 
 def main() -> int:
