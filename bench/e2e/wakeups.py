@@ -7,9 +7,13 @@ a private agent pair with shared memory (as `vbridge up` sets them up) in front 
 on a unix socket, runs `vbridge-loadgen throughput` through it, and, over a window in the middle of the run,
 reads every thread of the host agent, the guest agent, the server and the client from /proc: voluntary
 context switches (the thread slept and was woken), involuntary ones (it was preempted) and CPU time, each
-per MB moved. With --baseline-build, a second build's agents take turns with the first, round by round.
+per MB moved. With --baseline-build, a second build's agents take turns with the first, round by round;
+with --relay2, two vbridge-reference-relay copy relays in a row (the plainest relay of the same shape, a
+thread per direction) take their turn as well, in the agents' columns: the one next to the client under
+"host", the one next to the server under "guest".
 
-    python3 bench/e2e/wakeups.py [--build-dir build] [--baseline-build DIR ...] [--streams 1,8] [--rounds 5]
+    python3 bench/e2e/wakeups.py [--build-dir build] [--baseline-build DIR ...] [--relay2] [--streams 1,8]
+                                 [--rounds 5]
 """
 
 from __future__ import annotations
@@ -75,11 +79,28 @@ def measure(loadgen: Path, client: Path, pids: dict[str, int], streams: int) -> 
     return row
 
 
+def relay2(bench: relay_cpu.Bench) -> tuple[Path, tuple[subprocess.Popen, subprocess.Popen]]:
+    """Two reference copy relays in a row in front of the server: (client address, (inner, outer))."""
+    binary = bench.build / "bench" / "e2e" / "vbridge-reference-relay"
+    if not binary.is_file():
+        sys.exit(f"wakeups: {binary} is missing; build it (cmake --build {bench.build})")
+    inner_sock, outer_sock = bench.tmp / "relay-inner.sock", bench.tmp / "relay-outer.sock"
+    inner = bench.spawn([str(binary), "copy", "--listen", f"unix:{inner_sock}", "--connect",
+                         f"unix:{bench.server_sock}"], "relay-inner")
+    relay_cpu.wait_for_socket(inner_sock, inner, "vbridge-reference-relay")
+    outer = bench.spawn([str(binary), "copy", "--listen", f"unix:{outer_sock}", "--connect", f"unix:{inner_sock}"],
+                        "relay-outer")
+    relay_cpu.wait_for_socket(outer_sock, outer, "vbridge-reference-relay")
+    return outer_sock, (inner, outer)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--build-dir", default=str(REPO / "build"))
     ap.add_argument("--baseline-build", metavar="DIR", action="append", default=[],
                     help="another build's agents, interleaved round by round (may be repeated)")
+    ap.add_argument("--relay2", action="store_true",
+                    help="two vbridge-reference-relay copy relays in a row take turns too (the yardstick)")
     ap.add_argument("--streams", default="1,8", help="comma-separated stream counts")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", metavar="FILE")
@@ -87,6 +108,8 @@ def main() -> None:
     builds = {f"baseline{i + 1}" if len(args.baseline_build) > 1 else "baseline": Path(d).resolve()
               for i, d in enumerate(args.baseline_build)}
     builds["build"] = Path(args.build_dir).resolve()
+    if args.relay2:
+        builds["relay2"] = builds["build"]
     counts = [int(n) for n in args.streams.split(",")]
     rows: dict[str, dict[int, list[dict]]] = {label: {n: [] for n in counts} for label in builds}
     for r in range(args.rounds):
@@ -95,7 +118,10 @@ def main() -> None:
                 bench = relay_cpu.Bench(build, Path(tmp))
                 shm = Path(f"/dev/shm/vbridge-wakeups-{os.getpid()}.shm")
                 try:
-                    client, (guest, host) = bench.vbridge("pair", ["--shm-file", str(shm)])
+                    if label == "relay2":
+                        client, (guest, host) = relay2(bench)
+                    else:
+                        client, (guest, host) = bench.vbridge("pair", ["--shm-file", str(shm)])
                     pids = {"host": host.pid, "guest": guest.pid, "server": bench.server.pid}
                     for n in counts:
                         print(f"round {r + 1}/{args.rounds}  {label}  {n} stream(s)", file=sys.stderr)
@@ -106,7 +132,8 @@ def main() -> None:
     print(f"medians of {args.rounds} rounds, {RUN_SECONDS:g} s runs, window {WINDOW[0]:g}-{WINDOW[1]:g} s; "
           "sleeps and preemptions per MB, CPU seconds per GB")
     for label, build in builds.items():
-        print(f"{label}: {build}")
+        print(f"{label}: two reference copy relays (host: next to the client, guest: next to the server)"
+              if label == "relay2" else f"{label}: {build}")
     print(f"{'agents':9} {'streams':>7} {'MB/s':>6}  " +
           "  ".join(f"{p:>19}" for p in ("host", "guest", "server", "client")))
     for label, by_count in rows.items():
