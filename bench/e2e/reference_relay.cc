@@ -46,6 +46,17 @@ void copy_until_eof(int from, int to) {
   }
 }
 
+// Moves exactly n bytes out of the pipe into `to`; false if `to` fails.
+bool drain_pipe(int pipe_read, int to, size_t n) {
+  while (n > 0) {
+    const ssize_t out = splice(pipe_read, nullptr, to, nullptr, n, SPLICE_F_MOVE);
+    if (out < 0 && errno == EINTR) continue;
+    if (out <= 0) return false;
+    n -= static_cast<size_t>(out);
+  }
+  return true;
+}
+
 void splice_until_eof(int from, int to) {
   int pipe_fds[2];
   if (pipe2(pipe_fds, O_CLOEXEC) != 0) return copy_until_eof(from, to);
@@ -53,18 +64,7 @@ void splice_until_eof(int from, int to) {
   for (;;) {
     const ssize_t in = splice(from, nullptr, pipe_fds[1], nullptr, kPipeBytes, SPLICE_F_MOVE);
     if (in < 0 && errno == EINTR) continue;
-    if (in <= 0) break;
-    ssize_t left = in;
-    while (left > 0) {
-      const ssize_t out = splice(pipe_fds[0], nullptr, to, nullptr, static_cast<size_t>(left), SPLICE_F_MOVE);
-      if (out < 0 && errno == EINTR) continue;
-      if (out <= 0) {
-        left = -1;
-        break;
-      }
-      left -= out;
-    }
-    if (left < 0) break;
+    if (in <= 0 || !drain_pipe(pipe_fds[0], to, static_cast<size_t>(in))) break;
   }
   close(pipe_fds[0]);
   close(pipe_fds[1]);
