@@ -624,6 +624,14 @@ Slice Mux::take_front(Stream& s, size_t n) {
 // transport has `output_watermark` bytes of DATA waiting.
 void Mux::schedule() {
   if (!peer_) return;
+  // Streams woken from the cap may send at once (their handler reads in the callback): serve them in the
+  // same call, so output prepared right after a wake is not missing their frames.
+  do {
+    serve_ready();
+  } while (wake_starved() && !ready_.empty() && out_data_bytes_ < config_.output_watermark);
+}
+
+void Mux::serve_ready() {
   const uint32_t frame_limit = std::min(config_.max_frame, peer_->max_frame);
   while (out_data_bytes_ < config_.output_watermark && !ready_.empty()) {
     const StreamId id = ready_.front();
@@ -669,17 +677,20 @@ void Mux::schedule() {
     }
     update(*s);
   }
-  // Streams that ran dry on the connection-wide cap may read again now that bytes moved on.
-  if (!starved_.empty() && room_under_cap() >= min_room_under_cap()) {
-    std::vector<StreamId> again;
-    again.swap(starved_);
-    for (const StreamId id : again) {
-      if (Stream* s = find(id)) {
-        s->in_starved = false;
-        update(*s);
-      }
+}
+
+// Streams that ran dry on the connection-wide cap may read again once bytes moved on; true if any were.
+bool Mux::wake_starved() {
+  if (starved_.empty() || room_under_cap() < min_room_under_cap()) return false;
+  std::vector<StreamId> again;
+  again.swap(starved_);
+  for (const StreamId id : again) {
+    if (Stream* s = find(id)) {
+      s->in_starved = false;
+      update(*s);
     }
   }
+  return true;
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -256,6 +256,8 @@ class Mux {
   void queue_hello();
   void queue_control(StreamId id, const flatbuffers::FlatBufferBuilder& built);
   void schedule();
+  void serve_ready();   // ready streams' bytes into frames, up to the output watermark
+  bool wake_starved();  // see mux.cc
   bool is_local_id(StreamId id) const { return (id & 1u) == (role_ == Role::kHost ? 1u : 0u); }
 
   Role role_;
