@@ -257,7 +257,7 @@ class Mux {
   void queue_control(StreamId id, const flatbuffers::FlatBufferBuilder& built);
   void schedule();
   void serve_ready();   // ready streams' bytes into frames, up to the output watermark
-  bool wake_starved();  // see mux.cc
+  bool wake_starved();  // streams stopped by the cap read again once there is room; true if any
   bool is_local_id(StreamId id) const { return (id & 1u) == (role_ == Role::kHost ? 1u : 0u); }
 
   Role role_;
